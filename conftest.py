@@ -1,0 +1,5 @@
+"""pytest setup shared by tests/ and the nbval-run notebooks: keep runs hermetic and quiet."""
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")      # no display needed for plots
+os.environ.setdefault("TQDM_DISABLE", "1")      # no progress-bar noise in test logs

@@ -1,0 +1,176 @@
+"""``python -m epi_mini``: train one method over several seeds, print the table, save record and plots.
+
+The default demo trains full SFT on the shifting-mixture schedule (the `cpu` preset, 3 seeds), prints the
+final score of every task and the forgetting figures with their spread, and writes to ``runs/<name>/``:
+``seed<N>.json`` (one record per seed), ``summary.json``, ``accuracy_matrix.png`` and ``curves.png``.
+Every file is written atomically, so a run that is cut off leaves no half-written output.
+"""
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .checkpoint import CheckpointError, save_json
+from .config import METHOD_HELP, METHODS, PRESETS, TrainConfig, make_config
+from .data import SCHEDULE_NAMES
+from .epi import IMPORTANCE_SCORES, NORMALIZERS
+from .metrics import mean_and_spread
+from .tasks import DataFormatError
+
+HELP = {
+    "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",
+    "block_size": "longest sequence (tokens)", "dropout": "dropout probability, in [0, 1)",
+    "schedule": f"task schedule: {', '.join(SCHEDULE_NAMES)}", "steps_per_stage": "training steps per stage",
+    "replay": "share of each batch replaying earlier stages' tasks, in [0, 1) (shifting schedule)",
+    "tasks": "task names to train (default: math code logic instruction chat)",
+    "task_files": "extra JSONL task files, one {\"task\",\"prompt\",\"response\"} object per line",
+    "batch_size": "sequences per batch", "learning_rate": "AdamW learning rate",
+    "weight_decay": "AdamW decoupled weight decay (matrices and embeddings only)",
+    "grad_clip": "gradient-norm clipping (0 = off)", "lr_warmup_steps": "linear learning-rate warm-up steps",
+    "eval_interval": "evaluate every N steps (and at every stage end)",
+    "eval_size": "held-out examples per task (0 = all)",
+    "method": "; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()),
+    "isolation_ratio": "rho: fraction of parameters isolated (EPI) or per-task core size (static), in [0, 1)",
+    "mask_interval": "K: steps between EPI mask refreshes (integer >= 1), or 'auto'",
+    "ema_beta": "beta of the importance EMA, in [0, 1)",
+    "warmup_steps": "steps of importance statistics before EPI isolates anything",
+    "normalizer": f"layer-wise normaliser: {', '.join(NORMALIZERS)}",
+    "importance": f"importance score: {', '.join(IMPORTANCE_SCORES)}",
+    "probe_steps": "static (CPI-FT): steps of each task's probe fine-tune",
+    "tokenizer": "bytes (default, offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
+    "gpt2_vocab": "folder holding GPT-2's vocab.bpe and encoder.json",
+    "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
+    "max_bad_steps": "consecutive non-finite steps tolerated before the run stops",
+}
+
+
+def _mask_interval(text):
+    return text if text in ("once", "auto") else int(text)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m epi_mini",
+        description="Train a tiny GPT with SFT on a multi-task schedule and report forgetting. "
+                    "Options left out take the preset's value.")
+    p.add_argument("--preset", default="cpu", choices=tuple(PRESETS),
+                   help="model and schedule size: tiny (tests), cpu (default), gpu")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed (default: 0 1 2)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<method>-<schedule>)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a resumable checkpoint every N steps (0 = never)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the runs in output folder DIR: finished seeds are kept, others resume "
+                        "from their last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in fields(TrainConfig):
+        if f.name in ("seed", "preset"):
+            continue
+        kind = {"tasks": str, "task_files": str, "mask_interval": _mask_interval}.get(f.name, f.type)
+        kind = {"int": int, "float": float, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+        extra = {"nargs": "+"} if f.name in ("tasks", "task_files") else {}
+        choices = {"method": METHODS, "schedule": SCHEDULE_NAMES, "normalizer": NORMALIZERS,
+                   "importance": tuple(IMPORTANCE_SCORES), "tokenizer": ("bytes", "gpt2")}.get(f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, choices=choices,
+                       help=HELP.get(f.name, f.name) + f" (cpu preset: {PRESETS['cpu'].get(f.name, f.default)!r})",
+                       **extra)
+    return p
+
+
+def summarize_runs(records):
+    """Mean and spread over seeds of the metrics and final scores."""
+    tasks = records[0]["tasks"]
+    out = {"seeds": [r["config"]["seed"] for r in records], "metrics": {}, "final_scores": {}, "forgetting": {}}
+    for k in records[0]["metrics"]:
+        out["metrics"][k] = mean_and_spread([r["metrics"][k] for r in records])
+    for j, t in enumerate(tasks):
+        out["final_scores"][t] = mean_and_spread([r["accuracy_matrix"][-1][j] for r in records])
+        first = records[0]["first_stage"][j]
+        if first < len(records[0]["accuracy_matrix"]) - 1:
+            best = [max(row[j] for row in r["accuracy_matrix"][first:-1]) for r in records]
+            final = [r["accuracy_matrix"][-1][j] for r in records]
+            out["forgetting"][t] = {"best_before_last_stage": mean_and_spread(best),
+                                    "final": mean_and_spread(final),
+                                    "fell_by_half": [b > 0 and f <= 0.5 * b for b, f in zip(best, final)]}
+    return out
+
+
+def print_summary(summary, records, file=None):
+    file = file or sys.stdout
+    fmt = lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
+    cfg = records[0]["config"]
+    n = len(records)
+    print(f"\n{cfg['method']} on the {cfg['schedule']} schedule, preset {cfg['preset']}, "
+          f"{n} seed{'s' * (n > 1)} {summary['seeds']} (mean ± std over seeds)", file=file)
+    print(f"{'task':<12} {'final score':>16}", file=file)
+    for t, ms in summary["final_scores"].items():
+        print(f"{t:<12} {fmt(ms):>16}", file=file)
+    print("", file=file)
+    for k, ms in summary["metrics"].items():
+        print(f"{k:<18} {fmt(ms)}", file=file)
+    if summary["forgetting"]:
+        print("\nforgetting per task (best score before the last stage -> final score):", file=file)
+        for t, f in summary["forgetting"].items():
+            halved = sum(f["fell_by_half"])
+            print(f"  {t:<12} {fmt(f['best_before_last_stage'])} -> {fmt(f['final'])}   "
+                  f"fell by at least half in {halved}/{n} seeds", file=file)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if f.name not in ("seed", "preset") and getattr(args, f.name) is not None}
+    for name in ("tasks", "task_files"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
+    try:
+        if args.checkpoint_every < 0:
+            raise ValueError(f"invalid --checkpoint-every={args.checkpoint_every}: must be an integer >= 0")
+        if args.resume and not Path(args.resume).is_dir():
+            raise ValueError(f"invalid --resume={args.resume!r}: no such output folder")
+        configs = [make_config(args.preset, seed=s, **overrides) for s in args.seeds]
+        out = Path(args.resume or args.out or f"runs/{configs[0].method}-{configs[0].schedule}")
+        records = run_seeds(configs, out, args)
+    except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarize_runs(records)
+    save_json(out / "summary.json", summary)
+    print_summary(summary, records)
+    from . import plots
+    import numpy as np
+    R = np.array([r["accuracy_matrix"] for r in records])
+    stage_names = [s["name"] for s in records[0]["schedule"]["stages"]]
+    plots.save(plots.accuracy_heatmap(R.mean(0), records[0]["tasks"], stage_names, spread=R.std(0, ddof=1)
+                                      if len(records) > 1 else None,
+                                      title=f"{records[0]['config']['method']}: score after each stage"),
+               out / "accuracy_matrix.png")
+    plots.save(plots.task_curves(records), out / "curves.png")
+    print(f"\nwrote {out}/: {', '.join(f'seed{c.seed}.json' for c in configs)}, summary.json, "
+          "accuracy_matrix.png, curves.png")
+    return 0
+
+
+def run_seeds(configs, out, args):
+    import json
+    from .checkpoint import load_checkpoint
+    from .train import train
+    records = []
+    for cfg in configs:
+        path = out / f"seed{cfg.seed}.json"
+        ckpt = out / f"checkpoint-seed{cfg.seed}"
+        if args.resume and path.exists():
+            record = json.loads(path.read_text())
+            diffs = [k for k, v in cfg.to_dict().items() if k != "device" and record["config"].get(k) != v]
+            if diffs:
+                raise CheckpointError(f"{path} was written with a different config (fields {diffs}); "
+                                      "resume with the same options or use another --out")
+            records.append(record)
+            continue
+        if args.resume:
+            load_checkpoint(ckpt, cfg)  # refuses a mismatched or broken checkpoint before any training
+        record = train(cfg, progress=not args.no_progress, checkpoint_dir=ckpt if args.checkpoint_every else None,
+                       checkpoint_every=args.checkpoint_every, resume=bool(args.resume))
+        save_json(path, record)
+        records.append(record)
+    return records

@@ -1,0 +1,127 @@
+"""Run configuration: one dataclass, three presets, every value checked before anything trains.
+
+``TrainConfig.validate()`` raises ``ValueError`` naming the option, the value and what is allowed, so a
+typo on the command line fails in the first second with a readable message instead of a traceback from
+deep inside torch twenty minutes later.
+"""
+from dataclasses import asdict, dataclass, field, fields
+
+from .data import SCHEDULE_NAMES
+from .epi import IMPORTANCE_SCORES, NORMALIZERS
+
+METHODS = ("full", "multistage", "static", "static-epi", "epi")
+METHOD_HELP = {
+    "full": "plain SFT: every parameter trained, on the schedule as given",
+    "multistage": "plain SFT on the same stages run as a strict pipeline (replay switched off)",
+    "static": "CPI-FT: freeze the core regions (top-rho by probe update magnitude) of earlier stages' tasks",
+    "static-epi": "EPI's own score, taken once after warm-up and never refreshed (the control)",
+    "epi": "Evolving Parameter Isolation: EMA-of-g^2 importance, top-rho isolated, refreshed every K steps",
+}
+
+
+@dataclass
+class TrainConfig:
+    # model (see model.GPTConfig)
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 96
+    block_size: int = 40
+    dropout: float = 0.0
+    # data: a preset schedule over the task families (see data.make_schedule)
+    schedule: str = "shifting"
+    steps_per_stage: int = 500
+    replay: float = 0.2
+    tasks: tuple = ()                # task names; () = the five built-in families
+    task_files: tuple = ()           # extra JSONL files, {"task","prompt","response"} per line
+    batch_size: int = 64
+    # optimisation: AdamW, constant learning rate after a short linear warm-up (stages stay comparable)
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    lr_warmup_steps: int = 50
+    # evaluation
+    eval_interval: int = 100         # also evaluated at the end of every stage
+    eval_size: int = 0               # examples per task from the held-out sets; 0 = all of them
+    # method (see METHOD_HELP) and its knobs
+    method: str = "full"
+    isolation_ratio: float = 0.1
+    mask_interval: object = 20       # int >= 1, "once" or "auto"
+    ema_beta: float = 0.99
+    warmup_steps: int = 100
+    normalizer: str = "mean"
+    importance: str = "squared_gradient"
+    probe_steps: int = 100           # CPI-FT: steps of each task's probe fine-tune
+    tokenizer: str = "bytes"         # "bytes" (offline, default) or "gpt2" (needs its vocabulary files)
+    gpt2_vocab: str = ""             # folder with GPT-2's vocab.bpe and encoder.json (for tokenizer="gpt2")
+    # run
+    seed: int = 0
+    device: str = "auto"             # auto = cuda, then mps, then cpu
+    max_bad_steps: int = 10          # consecutive non-finite steps tolerated before stopping
+    preset: str = "cpu"
+
+    def validate(self):
+        def check(name, ok, allowed):
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {allowed}")
+
+        def pos_int(name, lo=1):
+            v = getattr(self, name)
+            check(name, isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"an integer >= {lo}")
+
+        def in_range(name, lo, hi, hi_open=True):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (v < hi if hi_open else v <= hi)
+            check(name, ok, f"a number in [{lo}, {hi}{')' if hi_open else ']'}")
+
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "steps_per_stage", "batch_size",
+                     "eval_interval"):
+            pos_int(name)
+        for name in ("lr_warmup_steps", "eval_size", "warmup_steps", "probe_steps", "seed", "max_bad_steps"):
+            pos_int(name, 0)
+        check("n_embd", self.n_embd % self.n_head == 0, f"divisible by n_head={self.n_head}")
+        in_range("dropout", 0, 1)
+        in_range("replay", 0, 1)
+        in_range("learning_rate", 1e-8, 1.0, hi_open=False)
+        in_range("weight_decay", 0, 10, hi_open=False)
+        in_range("grad_clip", 0, float("inf"))
+        in_range("isolation_ratio", 0, 1)
+        in_range("ema_beta", 0, 1)
+        check("schedule", self.schedule in SCHEDULE_NAMES, f"one of {SCHEDULE_NAMES}")
+        check("method", self.method in METHODS, f"one of {METHODS}")
+        check("normalizer", self.normalizer in NORMALIZERS, f"one of {NORMALIZERS}")
+        check("importance", self.importance in IMPORTANCE_SCORES, f"one of {tuple(IMPORTANCE_SCORES)}")
+        check("device", self.device in ("auto", "cpu", "cuda", "mps") or str(self.device).startswith("cuda:"),
+              "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        k = self.mask_interval
+        check("mask_interval", k in ("once", "auto") or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+              "an integer >= 1, 'once' or 'auto'")
+        check("tokenizer", self.tokenizer in ("bytes", "gpt2"), "'bytes' or 'gpt2'")
+        check("preset", self.preset in PRESETS, f"one of {tuple(PRESETS)}")
+        return self
+
+    def to_dict(self):
+        d = asdict(self)
+        d["tasks"], d["task_files"] = list(self.tasks), [str(f) for f in self.task_files]
+        return d
+
+
+# Presets. `cpu` is the default (one method's full schedule in about a minute on 2 cores), `tiny` is for
+# tests (seconds), `gpu` is a bigger model and longer schedule for one GPU.
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, steps_per_stage=40, batch_size=16, eval_interval=20,
+                 eval_size=32, warmup_steps=10, lr_warmup_steps=5, probe_steps=10, mask_interval=5),
+    "cpu": dict(),
+    "gpu": dict(n_layer=6, n_head=8, n_embd=256, steps_per_stage=3000, batch_size=256, eval_interval=250,
+                learning_rate=1e-3, warmup_steps=300, probe_steps=300, mask_interval=50),
+}
+
+
+def make_config(preset="cpu", **overrides) -> TrainConfig:
+    """A validated config: the preset's values, then ``overrides`` (unknown names are an error)."""
+    if preset not in PRESETS:
+        raise ValueError(f"invalid preset={preset!r}: must be one of {tuple(PRESETS)}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config option(s) {unknown}; known options: {sorted(known)}")
+    return TrainConfig(**{**PRESETS[preset], **overrides, "preset": preset}).validate()

@@ -1,0 +1,85 @@
+"""Continual-learning metrics over an accuracy matrix, defined once and used everywhere.
+
+``R[i][j]`` is the score (in [0, 1]) on task ``j`` after stage ``i`` (rows: stages in training order;
+columns: tasks). ``first_stage[j]`` is the stage that introduces task ``j``: in a classic continual-learning
+stream it is ``j`` itself, here a stage can introduce several tasks at once (or, for multi-task SFT, all).
+
+* average score         -- mean of the last row.
+* forgetting            -- per task, the best score it had at the end of any stage before the last, minus
+  its final score; averaged over the tasks introduced before the last stage. This is the definition of
+  Chaudhry et al. (2018) used by Mammoth; Avalanche instead subtracts from the score right after the task's
+  own stage. Positive = forgotten.
+* backward transfer BWT -- mean over the same tasks of ``R[-1][j] - R[first_stage[j]][j]`` (Lopez-Paz &
+  Ranzato, 2017); negative = forgetting.
+* plasticity            -- mean, over stages, of the mean score of the tasks a stage introduces, measured
+  at the end of that stage: how well new things are still learned.
+* average normalised score -- mean over tasks of ``final / reference``, where the reference is the score of
+  a reference run (here: full multi-task SFT with the same budget), the EPI paper's summary number.
+"""
+import numpy as np
+
+
+def accuracy_matrix(stage_scores, tasks) -> np.ndarray:
+    """Stack a list of per-stage ``{task: score}`` dicts into ``R`` (stages x tasks), in ``tasks`` order."""
+    return np.array([[float(s[t]) for t in tasks] for s in stage_scores], dtype=float)
+
+
+def _earlier_tasks(R, first_stage):
+    """Columns of the tasks introduced before the last stage (the only ones that can be forgotten)."""
+    return [j for j, s in enumerate(first_stage) if s < len(R) - 1]
+
+
+def average_score(R) -> float:
+    return float(np.mean(np.asarray(R, dtype=float)[-1]))
+
+
+def forgetting_per_task(R, first_stage) -> dict:
+    """Column -> ``max(R[first:-1, j]) - R[-1, j]`` for tasks introduced before the last stage."""
+    R = np.asarray(R, dtype=float)
+    return {j: float(R[first_stage[j]:-1, j].max() - R[-1, j]) for j in _earlier_tasks(R, first_stage)}
+
+
+def forgetting(R, first_stage) -> float:
+    """Mean forgetting over tasks introduced before the last stage; 0.0 when there are none."""
+    per_task = forgetting_per_task(R, first_stage)
+    return float(np.mean(list(per_task.values()))) if per_task else 0.0
+
+
+def backward_transfer(R, first_stage) -> float:
+    R = np.asarray(R, dtype=float)
+    cols = _earlier_tasks(R, first_stage)
+    return float(np.mean([R[-1, j] - R[first_stage[j], j] for j in cols])) if cols else 0.0
+
+
+def plasticity(R, first_stage) -> float:
+    R = np.asarray(R, dtype=float)
+    per_stage = [np.mean([R[i, j] for j, s in enumerate(first_stage) if s == i])
+                 for i in range(len(R)) if i in first_stage]
+    return float(np.mean(per_stage))
+
+
+def average_normalized_score(final_scores, reference_scores) -> float:
+    """Mean of ``final[t] / reference[t]`` over tasks (dicts keyed by task). A reference of 0 is an error:
+    normalising by it would be meaningless."""
+    ratios = []
+    for t, ref in reference_scores.items():
+        if ref <= 0:
+            raise ValueError(f"reference score of task {t!r} is {ref}; cannot normalise by it")
+        ratios.append(final_scores[t] / ref)
+    return float(np.mean(ratios))
+
+
+def summarize(R, first_stage) -> dict:
+    """All matrix metrics at once, as plain floats (what a run record stores)."""
+    return {
+        "average_score": average_score(R),
+        "forgetting": forgetting(R, first_stage),
+        "backward_transfer": backward_transfer(R, first_stage),
+        "plasticity": plasticity(R, first_stage),
+    }
+
+
+def mean_and_spread(values) -> tuple:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) of a list of numbers."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0

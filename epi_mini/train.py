@@ -1,0 +1,209 @@
+"""The training loop: SFT on a schedule, with a pluggable update strategy.
+
+``train(config)`` builds everything from a :class:`~epi_mini.config.TrainConfig`, trains, evaluates every
+task at a fixed interval and at the end of each stage, and returns a *record*: a JSON-ready dict with the
+loss curve, the per-task score curves, the accuracy matrix and its metrics.
+
+The loop never calls ``optimizer.step()`` itself. It calls ``strategy.step(optimizer)``: plain SFT
+(:class:`PlainUpdate`) just steps; the isolation methods of :mod:`epi_mini.epi` step and then put the
+isolated entries back. A strategy may also define ``begin_stage(i)`` (called as stage ``i`` starts),
+``summary()`` (merged into the record), and ``state_dict()`` / ``load_state_dict()`` (checkpointed).
+
+Robustness: a step whose loss or gradient is not finite is skipped (weights, optimizer and importance state
+untouched) and counted; more than ``max_bad_steps`` in a row stops the run with :class:`TrainingDiverged`.
+With a ``checkpoint_dir``, the full state is saved atomically every ``checkpoint_every`` steps, and
+``resume=True`` continues from it to the same final record (batches are a pure function of seed and step).
+"""
+import math
+import random
+import time
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import MixtureStream, make_schedule
+from .evaluate import evaluate, load_eval_sets
+from .metrics import accuracy_matrix, summarize
+from .model import GPT, GPTConfig
+from .tasks import BUILTIN_TASKS, tasks_from_jsonl
+from .tokenizer import get_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class PlainUpdate:
+    """Plain SFT: every parameter is updated by the optimizer."""
+
+    def step(self, optimizer):
+        optimizer.step()
+        return True
+
+
+def pick_device(requested="auto") -> torch.device:
+    """``auto``: cuda if available, then mps (Apple silicon), then cpu."""
+    if requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={requested!r} requested but CUDA is not available; use --device auto or cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device={requested!r} requested but MPS is not available; use --device auto or cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Run:
+    """Everything a training run is built from, for the loop, the notebooks and the experiments."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.validate()
+        self.device = pick_device(cfg.device)
+        self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.gpt2_vocab or None)
+        self.tasks = dict(BUILTIN_TASKS)
+        for path in cfg.task_files:
+            self.tasks.update(tasks_from_jsonl(path))
+        task_names = list(cfg.tasks) or None
+        if task_names:
+            unknown = [t for t in task_names if t not in self.tasks]
+            if unknown:
+                raise ValueError(f"invalid tasks: unknown task(s) {unknown}; known: {sorted(self.tasks)}")
+        self.schedule = make_schedule(cfg.schedule, cfg.steps_per_stage, task_names, cfg.replay)
+        if cfg.method == "multistage":
+            self.schedule = self.schedule.without_replay()
+        self.task_names = self.schedule.tasks
+        self.eval_sets = load_eval_sets({t: self.tasks[t] for t in self.task_names}, cfg.eval_size)
+        heldout = {e.prompt for exs in self.eval_sets.values() for e in exs}
+        self.stream = MixtureStream(self.schedule, self.tasks, self.tokenizer, cfg.batch_size, cfg.block_size,
+                                    seed=cfg.seed, exclude=heldout)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.tokenizer.vocab_size,
+                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                   dropout=cfg.dropout)).to(self.device)
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate)
+
+    def evaluate(self):
+        return evaluate(self.model, self.tokenizer, self.eval_sets, self.tasks)
+
+    def loss_on(self, batch):
+        _, loss = self.model(batch.x.to(self.device), batch.y.to(self.device), batch.loss_mask.to(self.device))
+        return loss
+
+
+def lr_at(cfg, step):
+    """Linear warm-up, then constant: every stage trains at the same rate, so plasticity stays comparable."""
+    return cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
+
+
+def new_record(run: Run) -> dict:
+    return {
+        "config": run.cfg.to_dict(), "schedule": run.schedule.to_dict(), "tasks": run.task_names,
+        "first_stage": [run.schedule.first_stage()[t] for t in run.task_names],
+        "stage_boundaries": run.schedule.boundaries, "num_params": run.model.num_params(),
+        "loss_curve": {"step": [], "loss": []},
+        "eval_curve": {"step": [], "scores": {t: [] for t in run.task_names}},
+        "stage_scores": [], "isolated_fraction": [], "bad_steps": 0,
+    }
+
+
+def train(cfg: TrainConfig, **kwargs) -> dict:
+    """Build a :class:`Run` from ``cfg``, train it (see :func:`fit`) and return its record."""
+    return fit(Run(cfg), **kwargs)
+
+
+def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_every=0, resume=False,
+        on_step=None, log_interval=10) -> dict:
+    """Train ``run`` through its whole schedule and return the record; ``run.model`` holds the result.
+
+    ``strategy``: an update strategy (default: built from ``run.cfg.method`` by
+    :func:`epi_mini.methods.build_strategy`). ``on_step(step, run, strategy)`` is called after every
+    optimizer step (e.g. to snapshot importance scores in a notebook).
+    """
+    from .methods import build_strategy  # methods builds on this module
+    cfg = run.cfg
+    strategy = build_strategy(run) if strategy is None else strategy
+    run.strategy = strategy
+    record, start, bad_in_a_row = new_record(run), 0, 0
+    if resume and checkpoint_dir is not None:
+        state = load_checkpoint(checkpoint_dir, cfg)
+        if state is not None:
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            if hasattr(strategy, "load_state_dict"):
+                strategy.load_state_dict(state["strategy"])
+            record, start, bad_in_a_row = state["record"], state["step"], state["bad_in_a_row"]
+            torch.set_rng_state(state["torch_rng"])
+    total, boundaries = run.schedule.total_steps, run.schedule.boundaries
+    run.model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=start, desc=f"{cfg.method} on {cfg.schedule}", unit="step",
+                   dynamic_ncols=True, leave=False)
+    t0, running = time.perf_counter(), []
+    for step in range(start, total):
+        stage = run.schedule.stage_index(step)
+        if hasattr(strategy, "begin_stage") and (step == 0 or step in boundaries):
+            strategy.begin_stage(stage)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        loss = run.loss_on(run.stream.batch(step))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
+        if math.isfinite(loss.item()) and math.isfinite(norm.item()):
+            bad_in_a_row = 0
+            strategy.step(run.optimizer)
+            running.append(loss.item())
+        else:  # skip: weights, optimizer moments and importance scores stay as they were
+            record["bad_steps"] += 1
+            bad_in_a_row += 1
+            if bad_in_a_row > cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at step {step}, "
+                    f"learning_rate={cfg.learning_rate}); the weights were left at their last finite values. "
+                    "Lower --learning-rate or raise --max-bad-steps.")
+        run.optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step, run, strategy)
+        done = step + 1
+        if running and (done % log_interval == 0 or done == total):
+            record["loss_curve"]["step"].append(done)
+            record["loss_curve"]["loss"].append(sum(running) / len(running))
+            running = []
+        stage_end = done in boundaries
+        if done % cfg.eval_interval == 0 or stage_end:
+            scores = run.evaluate()
+            record["eval_curve"]["step"].append(done)
+            for t in run.task_names:
+                record["eval_curve"]["scores"][t].append(scores[t])
+            if stage_end:
+                record["stage_scores"].append(scores)
+                frac = strategy.isolated_fraction() if hasattr(strategy, "isolated_fraction") else 0.0
+                record["isolated_fraction"].append(frac)
+        if bar is not None:
+            bar.update(1)
+            if done % log_interval == 0 and record["loss_curve"]["loss"]:
+                bar.set_postfix(stage=stage + 1, loss=f"{record['loss_curve']['loss'][-1]:.3f}")
+        if checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0) and done < total:
+            save_checkpoint(checkpoint_dir, {
+                "config": cfg.to_dict(), "step": done, "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else None,
+                "record": record, "bad_in_a_row": bad_in_a_row, "torch_rng": torch.get_rng_state()})
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    R = accuracy_matrix(record["stage_scores"], run.task_names)
+    record["accuracy_matrix"] = R.tolist()
+    record["metrics"] = summarize(R, record["first_stage"])
+    if hasattr(strategy, "summary"):
+        record["strategy"] = strategy.summary()
+    record["timing"] = {"device": str(run.device), "seconds": elapsed,
+                        "steps_per_second": (total - start) / elapsed if elapsed > 0 else None,
+                        "resumed_at_step": start}
+    return record

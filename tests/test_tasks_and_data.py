@@ -1,0 +1,130 @@
+"""Tests of task generators, scorers, JSONL loading, schedules and batches.
+Run: python -m pytest tests/test_tasks_and_data.py -q"""
+import json
+import random
+
+import pytest
+import torch
+
+from epi_mini.data import MixtureStream, Stage, collate, encode_example, make_schedule
+from epi_mini.evaluate import EVAL_DIR, load_eval_sets, make_eval_set
+from epi_mini.tasks import BUILTIN_TASKS, DataFormatError, Example, load_jsonl, tasks_from_jsonl
+from epi_mini.tokenizer import byte_tokenizer
+
+TOK = byte_tokenizer()
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_TASKS))
+def test_generators_are_deterministic_and_right_answers_score_one(name):
+    task = BUILTIN_TASKS[name]
+    a, b = task.examples(50, seed=1), task.examples(50, seed=1)
+    assert a == b and a != task.examples(50, seed=2)
+    assert len({e.prompt for e in a}) > 10
+    for ex in a:
+        assert ex.task == name and ex.prompt.endswith("=")
+        assert task.score(ex.response, ex) == 1.0       # the reference is always right
+        assert task.score("", ex) == 0.0                # an empty answer always wrong
+        assert task.score("zz9", ex) == 0.0
+
+
+def test_exact_answers_are_correct():
+    rng = random.Random(0)
+    for _ in range(200):
+        ex = BUILTIN_TASKS["math"].sample(rng)
+        a, rest = ex.prompt[2:-1].split("+")
+        b, c = rest.split("-")
+        assert int(ex.response) == int(a) + int(b) - int(c) >= 0
+        ex = BUILTIN_TASKS["logic"].sample(rng)
+        expr = ex.prompt[2:-1].replace("!", " not ").replace("&", " and ").replace("|", " or ")
+        expr = expr.replace("T", " True ").replace("F", " False ")
+        assert ex.response == ("T" if eval(expr) else "F")  # Python's own precedence agrees
+
+
+def test_chat_rubric_gives_partial_credit():
+    task = BUILTIN_TASKS["chat"]
+    ex = Example("chat", "s fox,red=", "red fox ran home.")
+    assert task.score("red fox sat away.", ex) == 1.0          # any verb and place are fine
+    assert task.score("red fox ran home", ex) == 0.75          # no full stop
+    assert task.score("big fox ran home.", ex) == 0.75         # wrong adjective
+    assert task.score("red fox flew home.", ex) == 0.75        # not a known verb
+    assert task.score("fox", ex) == 0.0
+
+
+def test_committed_eval_sets_match_the_generators():
+    for name, task in BUILTIN_TASKS.items():
+        committed = load_jsonl(EVAL_DIR / f"{name}.jsonl")
+        assert committed == make_eval_set(task), f"data/eval/{name}.jsonl is stale: python -m epi_mini.evaluate"
+        assert len({e.prompt for e in committed}) == len(committed)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"task": "t", "prompt": "p"}', "missing field"),
+    ('{"task": "t", "prompt": "p", "respone": "r"}', "missing field"),
+    ('{"task": "t", "prompt": "p", "response": "r", "extra": 1}', "unknown field"),
+    ('{"task": "t", "prompt": "", "response": "r"}', "non-empty string"),
+    ('{"task": "t", "prompt": "p", "response": 3}', "non-empty string"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"task": "t", "prompt": "a=", "response": "b"}\n\n' + line + "\n")
+    with pytest.raises(DataFormatError, match=rf"mine.jsonl:3: .*{message}"):
+        load_jsonl(path)
+
+
+def test_jsonl_tasks_hold_out_every_tenth_example(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"task": "echo", "prompt": f"e {i}=", "response": str(i)}) + "\n"
+                            for i in range(30)))
+    task = tasks_from_jsonl(path)["echo"]
+    assert [e.response for e in task.heldout] == ["0", "10", "20"]
+    assert len(task.pool) == 27 and not set(task.heldout) & set(task.pool)
+    assert load_eval_sets({"echo": task})["echo"] == task.heldout
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_collate_masks_exactly_the_response_and_end_token():
+    ex = Example("math", "m 1+2-0=", "3")
+    batch = collate([encode_example(TOK, ex), encode_example(TOK, Example("x", "ab=", "cdef"))], TOK, 40)
+    ids, n_prompt = encode_example(TOK, ex)
+    assert batch.x.shape == batch.y.shape == batch.loss_mask.shape == (2, 8 + 1 + 1 - 1)  # 8 prompt + "3" + end, shifted by one
+    targets = batch.y[0][batch.loss_mask[0] == 1].tolist()
+    assert targets == TOK.encode("3") + [TOK.eot_id]
+    assert TOK.decode(batch.y[1][batch.loss_mask[1] == 1].tolist()) == "cdef"
+    assert batch.loss_mask[1].sum() == 5 and (batch.y[1][batch.loss_mask[1] == 0][-1] == TOK.pad_id)
+    with pytest.raises(ValueError, match="block_size"):
+        collate([encode_example(TOK, ex)], TOK, 4, ["math"])
+
+
+def test_schedules_and_replay_weights():
+    s = make_schedule("shifting", 10)
+    assert [st.name for st in s.stages] == ["math+code", "logic+instruction", "chat"]
+    assert s.boundaries == [10, 20, 30] and s.tasks == list(BUILTIN_TASKS)
+    w = s.sampling_weights(2)
+    assert w["chat"] == pytest.approx(0.8) and w["math"] == pytest.approx(0.05)
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert s.without_replay().sampling_weights(2) == {"chat": 1.0}
+    assert make_schedule("multitask", 10).total_steps == 30
+    assert [st.name for st in make_schedule("sequential", 5).stages] == list(BUILTIN_TASKS)
+    assert make_schedule("two_task", 5, tasks=["code", "math"]).tasks == ["code", "math"]
+    assert s.first_stage() == {"math": 0, "code": 0, "logic": 1, "instruction": 1, "chat": 2}
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule("zigzag", 10)
+    with pytest.raises(ValueError, match="replay"):
+        Stage("s", {"math": 1.0}, 10, replay=1.5)
+
+
+def test_stream_is_a_pure_function_of_seed_and_step_and_skips_heldout():
+    s = make_schedule("shifting", 10)
+    held = {e.prompt for e in make_eval_set(BUILTIN_TASKS["chat"])}
+    mk = lambda seed: MixtureStream(s, BUILTIN_TASKS, TOK, 64, 40, seed=seed, exclude=held)  # noqa: E731
+    a, b = mk(0), mk(0)
+    assert torch.equal(a.batch(25).x, b.batch(25).x) and torch.equal(a.batch(3).x, mk(0).batch(3).x)
+    assert not torch.equal(a.batch(25).x, mk(1).batch(25).x)
+    assert set(a.batch(3).tasks) <= {"math", "code"}
+    chats = [e for step in range(20, 30) for e in a.examples(step) if e.task == "chat"]
+    assert chats and not any(e.prompt in held for e in chats)
+    # Ranks of a distributed run take disjoint slices of the same global batch.
+    assert a.batch(25, rank=1, world_size=2).tasks == a.batch(25).tasks[1::2]
