@@ -2,10 +2,11 @@
 
 The default demo trains full SFT on the shifting-mixture schedule (the `cpu` preset, 3 seeds), prints the
 final score of every task and the forgetting figures with their spread, and writes to ``runs/<name>/``:
-``seed<N>.json`` (one record per seed), ``summary.json``, ``accuracy_matrix.png`` and ``curves.png``.
+``seed<N>.json`` (one record per seed), ``seed<N>.pt`` (final weights), ``summary.json``, ``accuracy_matrix.png`` and ``curves.png``.
 Every file is written atomically, so a run that is cut off leaves no half-written output.
 """
 import argparse
+import io
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -146,19 +147,22 @@ def main(argv=None):
                                       title=f"{records[0]['config']['method']}: score after each stage"),
                out / "accuracy_matrix.png")
     plots.save(plots.task_curves(records), out / "curves.png")
-    print(f"\nwrote {out}/: {', '.join(f'seed{c.seed}.json' for c in configs)}, summary.json, "
+    print(f"\nwrote {out}/: {', '.join(f'seed{c.seed}.json/.pt' for c in configs)}, summary.json, "
           "accuracy_matrix.png, curves.png")
     return 0
 
 
 def run_seeds(configs, out, args):
+    """Train each config (one per seed); with --resume, keep finished seeds and continue the others."""
     import json
-    from .checkpoint import load_checkpoint
-    from .train import train
+
+    import torch
+
+    from .checkpoint import atomic_write_bytes, load_checkpoint
+    from .train import Run, fit
     records = []
     for cfg in configs:
-        path = out / f"seed{cfg.seed}.json"
-        ckpt = out / f"checkpoint-seed{cfg.seed}"
+        path, ckpt = out / f"seed{cfg.seed}.json", out / f"checkpoint-seed{cfg.seed}"
         if args.resume and path.exists():
             record = json.loads(path.read_text())
             diffs = [k for k, v in cfg.to_dict().items() if k != "device" and record["config"].get(k) != v]
@@ -168,9 +172,13 @@ def run_seeds(configs, out, args):
             records.append(record)
             continue
         if args.resume:
-            load_checkpoint(ckpt, cfg)  # refuses a mismatched or broken checkpoint before any training
-        record = train(cfg, progress=not args.no_progress, checkpoint_dir=ckpt if args.checkpoint_every else None,
-                       checkpoint_every=args.checkpoint_every, resume=bool(args.resume))
-        save_json(path, record)
+            load_checkpoint(ckpt, cfg)  # refuses a mismatched or broken checkpoint before any work
+        run = Run(cfg)
+        record = fit(run, progress=not args.no_progress, checkpoint_dir=ckpt if args.checkpoint_every else None,
+                     checkpoint_every=args.checkpoint_every, resume=bool(args.resume))
+        buffer = io.BytesIO()
+        torch.save(run.model.state_dict(), buffer)
+        atomic_write_bytes(out / f"seed{cfg.seed}.pt", buffer.getvalue())
+        save_json(path, record)  # written last: its presence marks the seed as finished
         records.append(record)
     return records

@@ -128,7 +128,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     cfg = run.cfg
     strategy = build_strategy(run) if strategy is None else strategy
     run.strategy = strategy
-    record, start, bad_in_a_row = new_record(run), 0, 0
+    record, start, bad_in_a_row, running = new_record(run), 0, 0, []
     if resume and checkpoint_dir is not None:
         state = load_checkpoint(checkpoint_dir, cfg)
         if state is not None:
@@ -137,6 +137,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
             if hasattr(strategy, "load_state_dict"):
                 strategy.load_state_dict(state["strategy"])
             record, start, bad_in_a_row = state["record"], state["step"], state["bad_in_a_row"]
+            running = state["running_losses"]
             torch.set_rng_state(state["torch_rng"])
     total, boundaries = run.schedule.total_steps, run.schedule.boundaries
     run.model.train()
@@ -145,7 +146,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc=f"{cfg.method} on {cfg.schedule}", unit="step",
                    dynamic_ncols=True, leave=False)
-    t0, running = time.perf_counter(), []
+    t0 = time.perf_counter()
     for step in range(start, total):
         stage = run.schedule.stage_index(step)
         if hasattr(strategy, "begin_stage") and (step == 0 or step in boundaries):
@@ -194,7 +195,8 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
                 "config": cfg.to_dict(), "step": done, "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
                 "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else None,
-                "record": record, "bad_in_a_row": bad_in_a_row, "torch_rng": torch.get_rng_state()})
+                "record": record, "bad_in_a_row": bad_in_a_row, "running_losses": running,
+                "torch_rng": torch.get_rng_state()})
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
