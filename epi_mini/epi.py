@@ -317,8 +317,14 @@ class EvolvingIsolation(_MaskedUpdate):
             warnings.warn(f"EvolvingIsolation: non-finite gradient at step {self.num_steps + 1}; step skipped "
                           f"({self.skipped_steps} so far), importance scores left unchanged")
             return False
-        for n, g in grads:  # a parameter without a gradient keeps its score (and the optimizer skips it too)
-            self.scores[n].lerp_(self.importance(self.params[n], g).to(self.scores[n].dtype), 1 - self.ema_beta)
+        # A parameter without a gradient keeps its score (and the optimizer skips it too).
+        emas = [self.scores[n] for n, _ in grads]
+        if self.importance is squared_gradient and emas and emas[0].dtype == grads[0][1].dtype:
+            torch._foreach_mul_(emas, self.ema_beta)  # fused over all tensors: the common case, fast
+            torch._foreach_addcmul_(emas, [g for _, g in grads], [g for _, g in grads], value=1 - self.ema_beta)
+        else:
+            for ema, (n, g) in zip(emas, grads):
+                ema.lerp_(self.importance(self.params[n], g).to(ema.dtype), 1 - self.ema_beta)
         self.num_steps += 1
         if self._due():
             self.refresh()

@@ -13,6 +13,8 @@ stream it is ``j`` itself, here a stage can introduce several tasks at once (or,
   Ranzato, 2017); negative = forgetting.
 * plasticity            -- mean, over stages, of the mean score of the tasks a stage introduces, measured
   at the end of that stage: how well new things are still learned.
+* retention             -- mean, over the tasks introduced before the last stage, of the final score as a
+  share of the best score the task had before the last stage (1 = nothing lost).
 * average normalised score -- mean over tasks of ``final / reference``, where the reference is the score of
   a reference run (here: full multi-task SFT with the same budget), the EPI paper's summary number.
 """
@@ -56,6 +58,14 @@ def plasticity(R, first_stage) -> float:
     per_stage = [np.mean([R[i, j] for j, s in enumerate(first_stage) if s == i])
                  for i in range(len(R)) if i in first_stage]
     return float(np.mean(per_stage))
+
+
+def retention(R, first_stage) -> float:
+    """Mean of ``R[-1, j] / max(R[first:-1, j])`` over earlier tasks that had a positive best score."""
+    R = np.asarray(R, dtype=float)
+    ratios = [R[-1, j] / R[first_stage[j]:-1, j].max() for j in _earlier_tasks(R, first_stage)
+              if R[first_stage[j]:-1, j].max() > 0]
+    return float(np.mean(ratios)) if ratios else 1.0
 
 
 def average_normalized_score(final_scores, reference_scores) -> float:

@@ -54,3 +54,18 @@ def save(fig_or_ax, path):
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     plt.close(fig)
+
+
+def retention_plasticity(points, title="Retention vs plasticity", ax=None):
+    """Scatter of methods (label -> {"retention": {mean, std}, "plasticity": {mean, std}}) with error bars.
+    Up and to the right is better: keeps more of the old tasks and still learns the new ones."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, m in points.items():
+        ax.errorbar(m["plasticity"]["mean"], m["retention"]["mean"], xerr=m["plasticity"]["std"],
+                    yerr=m["retention"]["std"], fmt="o", capsize=3, label=label)
+    ax.set_xlabel("plasticity: new tasks' score at the end of their stage")
+    ax.set_ylabel("retention: earlier tasks' final / best score")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    return ax

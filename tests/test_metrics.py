@@ -39,6 +39,12 @@ def test_single_stage_has_no_forgetting():
     assert metrics.backward_transfer([[0.5, 0.7]], [0, 0]) == 0.0
 
 
+def test_retention_is_final_over_best():
+    # task 0: 0.3 / 0.9 ; task 1: 0.6 / 0.8
+    assert metrics.retention(R, FIRST) == pytest.approx((0.3 / 0.9 + 0.6 / 0.8) / 2)
+    assert metrics.retention([[0.0, 0.5], [0.0, 0.5]], [0, 1]) == 1.0  # nothing ever learned: nothing lost
+
+
 def test_average_normalized_score():
     assert metrics.average_normalized_score({"a": 0.4, "b": 0.9}, {"a": 0.8, "b": 0.9}) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="reference score"):
