@@ -125,9 +125,9 @@ def make_schedule(name: str, steps_per_stage: int, tasks=None, replay: float = 0
         return Schedule(name, [Stage("+".join(g), {t: 1.0 for t in g}, steps_per_stage) for g in groups])
     if name == "sequential":
         return Schedule(name, [Stage(t, {t: 1.0}, steps_per_stage) for t in tasks])
-    if name == "two_task":  # A -> B, the forgetting protocol (CPI-FT Table 2)
+    if name == "two_task":  # A -> B, the forgetting protocol (CPI-FT Table 2); B's stage replays A
         a, b = tasks[:2]
-        return Schedule(name, [Stage(a, {a: 1.0}, steps_per_stage), Stage(b, {b: 1.0}, steps_per_stage)])
+        return Schedule(name, [Stage(a, {a: 1.0}, steps_per_stage), Stage(b, {b: 1.0}, steps_per_stage, replay)])
     if name == "shifting":
         return Schedule(name, [Stage("+".join(g), {t: 1.0 for t in g}, steps_per_stage,
                                      replay=replay if i > 0 else 0.0) for i, g in enumerate(groups)])

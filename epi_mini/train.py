@@ -86,12 +86,18 @@ class Run:
                                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                    dropout=cfg.dropout)).to(self.device)
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate)
+        # Distributed training (epi_mini.distributed) sets these: this process's slice of every global
+        # batch, the module that runs forward/backward (a DDP wrapper), and whether it writes outputs.
+        self.rank, self.world_size, self.forward_model, self.is_main = 0, 1, self.model, True
 
     def evaluate(self):
         return evaluate(self.model, self.tokenizer, self.eval_sets, self.tasks)
 
+    def batch(self, step):
+        return self.stream.batch(step, self.rank, self.world_size)
+
     def loss_on(self, batch):
-        _, loss = self.model(batch.x.to(self.device), batch.y.to(self.device), batch.loss_mask.to(self.device))
+        _, loss = self.forward_model(batch.x.to(self.device), batch.y.to(self.device), batch.loss_mask.to(self.device))
         return loss
 
 
@@ -142,7 +148,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     total, boundaries = run.schedule.total_steps, run.schedule.boundaries
     run.model.train()
     bar = None
-    if progress:
+    if progress and run.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc=f"{cfg.method} on {cfg.schedule}", unit="step",
                    dynamic_ncols=True, leave=False)
@@ -153,7 +159,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
             strategy.begin_stage(stage)
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
-        loss = run.loss_on(run.stream.batch(step))
+        loss = run.loss_on(run.batch(step))
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
         if math.isfinite(loss.item()) and math.isfinite(norm.item()):
@@ -190,7 +196,8 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
             bar.update(1)
             if done % log_interval == 0 and record["loss_curve"]["loss"]:
                 bar.set_postfix(stage=stage + 1, loss=f"{record['loss_curve']['loss'][-1]:.3f}")
-        if checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0) and done < total:
+        if (checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < total
+                and run.is_main):
             save_checkpoint(checkpoint_dir, {
                 "config": cfg.to_dict(), "step": done, "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
