@@ -31,6 +31,9 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # A process killed mid-write cannot remove its temporary file; the next good write does.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -91,7 +91,12 @@ def build_strategy(run):
         return PlainUpdate()
     if cfg.method == "static":
         return CoreRegionPipeline(run, cfg.isolation_ratio, cfg.probe_steps)
-    return _EPI(run.model, isolation_ratio=cfg.isolation_ratio, ema_beta=cfg.ema_beta,
+    return _EPI(run.model, **epi_options(cfg))
+
+
+def epi_options(cfg):
+    """The EvolvingIsolation arguments of a config (shared with epi_mini.distributed)."""
+    return dict(isolation_ratio=cfg.isolation_ratio, ema_beta=cfg.ema_beta,
                 mask_interval="once" if cfg.method == "static-epi" else cfg.mask_interval,
                 warmup_steps=cfg.warmup_steps, normalizer=cfg.normalizer, importance=cfg.importance,
                 seed=cfg.seed)
