@@ -117,13 +117,19 @@ def print_summary(summary, records, file=None):
                   f"fell by at least half in {halved}/{n} seeds", file=file)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def config_overrides(args):
+    """The config fields given on the command line (those left out take the preset's value)."""
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if f.name not in ("seed", "preset") and getattr(args, f.name) is not None}
     for name in ("tasks", "task_files"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
+    return overrides
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    overrides = config_overrides(args)
     try:
         if args.checkpoint_every < 0:
             raise ValueError(f"invalid --checkpoint-every={args.checkpoint_every}: must be an integer >= 0")

@@ -587,18 +587,13 @@ def build_parser():
 
 def main(argv=None):
     import json
-    from dataclasses import fields
 
     from .checkpoint import CheckpointError, atomic_write_bytes, save_json
-    from .cli import print_summary, summarize_runs
-    from .config import TrainConfig, make_config
+    from .cli import config_overrides, print_summary, summarize_runs
+    from .config import make_config
     from .tasks import DataFormatError
     args = build_parser().parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                 if f.name not in ("seed", "preset") and getattr(args, f.name) is not None}
-    for name in ("tasks", "task_files"):
-        if name in overrides:
-            overrides[name] = tuple(overrides[name])
+    overrides = config_overrides(args)
     try:
         configs = [make_config(args.preset, seed=s, **overrides) for s in args.seeds]
         if args.shard and (args.checkpoint_every or args.resume):
