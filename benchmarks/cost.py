@@ -32,8 +32,10 @@ def train_worker(kind, steps):
     import resource
 
     from epi_mini.config import make_config
-    from epi_mini.epi import EvolvingIsolation, StaticIsolation
-    from epi_mini.train import PlainUpdate, Run
+    from epi_mini.baselines import StaticIsolation
+    from epi_mini.epi import EvolvingIsolation
+    from epi_mini.strategy import PlainUpdate
+    from epi_mini.train import Run
     run = Run(make_config("cpu", device="cpu"))
     if kind == "plain":
         strategy = PlainUpdate()

@@ -13,8 +13,11 @@ import time
 import torch
 
 from epi_mini.config import make_config
-from epi_mini.epi import EvolvingIsolation, StaticIsolation
-from epi_mini.train import PlainUpdate, Run
+from epi_mini.adaptive import AdaptiveIsolation
+from epi_mini.baselines import StaticIsolation
+from epi_mini.epi import EvolvingIsolation
+from epi_mini.strategy import PlainUpdate
+from epi_mini.train import Run
 
 
 def main():
@@ -40,7 +43,7 @@ def main():
         "EPI K=50": lambda m: EvolvingIsolation(m, isolation_ratio=0.1, mask_interval=50, warmup_steps=0),
         "EPI K=50 compact": lambda m: EvolvingIsolation(m, isolation_ratio=0.1, mask_interval=50, warmup_steps=0,
                                                         ema_dtype=torch.bfloat16, mask_storage="bits"),
-        "EPI auto": lambda m: EvolvingIsolation(m, isolation_ratio=0.1, mask_interval="auto", warmup_steps=0),
+        "EPI auto": lambda m: AdaptiveIsolation(m, isolation_ratio=0.1, warmup_steps=0),
         "static (10%)": lambda m: StaticIsolation(m, static_mask(m)),
     }
     runs = {}

@@ -6,16 +6,17 @@ final score of every task and the forgetting figures with their spread, and writ
 Every file is written atomically, so a run that is cut off leaves no half-written output.
 """
 import argparse
-import io
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from .checkpoint import CheckpointError, save_json
-from .config import METHOD_HELP, METHODS, PRESETS, TrainConfig, make_config
+from .config import PRESETS, TrainConfig, make_config
 from .data import SCHEDULE_NAMES
 from .epi import IMPORTANCE_SCORES, NORMALIZERS
-from .metrics import mean_and_spread
+from .methods import METHODS
+from .metrics import summarize_seeds
+from .runner import check_run_options, run_seeds
 from .tasks import DataFormatError
 
 HELP = {
@@ -30,9 +31,10 @@ HELP = {
     "grad_clip": "gradient-norm clipping (0 = off)", "lr_warmup_steps": "linear learning-rate warm-up steps",
     "eval_interval": "evaluate every N steps (and at every stage end)",
     "eval_size": "held-out examples per task (0 = all)",
-    "method": "; ".join(f"{m}: {h}" for m, h in METHOD_HELP.items()),
+    "method": "; ".join(f"{name}: {m.help}" for name, m in METHODS.items()),
     "isolation_ratio": "rho: fraction of parameters isolated (EPI) or per-task core size (static), in [0, 1)",
-    "mask_interval": "K: steps between EPI mask refreshes (integer >= 1), or 'auto'",
+    "mask_interval": "K: steps between EPI mask refreshes (integer >= 1), 'once' (refresh once after warm-up, "
+                     "never again) or 'auto' (refresh when the isolated set has drifted)",
     "ema_beta": "beta of the importance EMA, in [0, 1)",
     "warmup_steps": "steps of importance statistics before EPI isolates anything",
     "normalizer": f"layer-wise normaliser: {', '.join(NORMALIZERS)}",
@@ -70,30 +72,12 @@ def build_parser():
         kind = {"tasks": str, "task_files": str, "mask_interval": _mask_interval}.get(f.name, f.type)
         kind = {"int": int, "float": float, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
         extra = {"nargs": "+"} if f.name in ("tasks", "task_files") else {}
-        choices = {"method": METHODS, "schedule": SCHEDULE_NAMES, "normalizer": NORMALIZERS,
+        choices = {"method": tuple(METHODS), "schedule": SCHEDULE_NAMES, "normalizer": NORMALIZERS,
                    "importance": tuple(IMPORTANCE_SCORES), "tokenizer": ("bytes", "gpt2")}.get(f.name)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, choices=choices,
                        help=HELP.get(f.name, f.name) + f" (cpu preset: {PRESETS['cpu'].get(f.name, f.default)!r})",
                        **extra)
     return p
-
-
-def summarize_runs(records):
-    """Mean and spread over seeds of the metrics and final scores."""
-    tasks = records[0]["tasks"]
-    out = {"seeds": [r["config"]["seed"] for r in records], "metrics": {}, "final_scores": {}, "forgetting": {}}
-    for k in records[0]["metrics"]:
-        out["metrics"][k] = mean_and_spread([r["metrics"][k] for r in records])
-    for j, t in enumerate(tasks):
-        out["final_scores"][t] = mean_and_spread([r["accuracy_matrix"][-1][j] for r in records])
-        first = records[0]["first_stage"][j]
-        if first < len(records[0]["accuracy_matrix"]) - 1:
-            best = [max(row[j] for row in r["accuracy_matrix"][first:-1]) for r in records]
-            final = [r["accuracy_matrix"][-1][j] for r in records]
-            out["forgetting"][t] = {"best_before_last_stage": mean_and_spread(best),
-                                    "final": mean_and_spread(final),
-                                    "fell_by_half": [b > 0 and f <= 0.5 * b for b, f in zip(best, final)]}
-    return out
 
 
 def print_summary(summary, records, file=None):
@@ -131,17 +115,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     overrides = config_overrides(args)
     try:
-        if args.checkpoint_every < 0:
-            raise ValueError(f"invalid --checkpoint-every={args.checkpoint_every}: must be an integer >= 0")
-        if args.resume and not Path(args.resume).is_dir():
-            raise ValueError(f"invalid --resume={args.resume!r}: no such output folder")
+        check_run_options(args.checkpoint_every, args.resume)
         configs = [make_config(args.preset, seed=s, **overrides) for s in args.seeds]
         out = Path(args.resume or args.out or f"runs/{configs[0].method}-{configs[0].schedule}")
-        records = run_seeds(configs, out, args)
+        records = run_seeds(configs, out, resume=bool(args.resume), checkpoint_every=args.checkpoint_every,
+                            progress=not args.no_progress)
     except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = summarize_runs(records)
+    summary = summarize_seeds(records)
     save_json(out / "summary.json", summary)
     print_summary(summary, records)
     from . import plots
@@ -156,35 +138,3 @@ def main(argv=None):
     print(f"\nwrote {out}/: {', '.join(f'seed{c.seed}.json/.pt' for c in configs)}, summary.json, "
           "accuracy_matrix.png, curves.png")
     return 0
-
-
-def run_seeds(configs, out, args):
-    """Train each config (one per seed); with --resume, keep finished seeds and continue the others."""
-    import json
-
-    import torch
-
-    from .checkpoint import atomic_write_bytes, load_checkpoint
-    from .train import Run, fit
-    records = []
-    for cfg in configs:
-        path, ckpt = out / f"seed{cfg.seed}.json", out / f"checkpoint-seed{cfg.seed}"
-        if args.resume and path.exists():
-            record = json.loads(path.read_text())
-            diffs = [k for k, v in cfg.to_dict().items() if k != "device" and record["config"].get(k) != v]
-            if diffs:
-                raise CheckpointError(f"{path} was written with a different config (fields {diffs}); "
-                                      "resume with the same options or use another --out")
-            records.append(record)
-            continue
-        if args.resume:
-            load_checkpoint(ckpt, cfg)  # refuses a mismatched or broken checkpoint before any work
-        run = Run(cfg)
-        record = fit(run, progress=not args.no_progress, checkpoint_dir=ckpt if args.checkpoint_every else None,
-                     checkpoint_every=args.checkpoint_every, resume=bool(args.resume))
-        buffer = io.BytesIO()
-        torch.save(run.model.state_dict(), buffer)
-        atomic_write_bytes(out / f"seed{cfg.seed}.pt", buffer.getvalue())
-        save_json(path, record)  # written last: its presence marks the seed as finished
-        records.append(record)
-    return records

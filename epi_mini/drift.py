@@ -1,16 +1,43 @@
-"""Measuring importance drift during training: the paper's central observation, as numbers.
+"""Measuring importance drift: how much two isolated sets, or two score snapshots, agree.
 
-:class:`DriftRecorder` is an ``on_step`` callback for :func:`epi_mini.train.fit`. Every ``every`` steps
-after the strategy's warm-up it takes the top-``ratio`` set of the current importance scores (what a
-refresh at that moment would isolate) and, on a fixed sample of entries, the scores themselves. From the
-snapshots, :meth:`DriftRecorder.summary` computes the Jaccard overlap of every pair of sets, averaged by
-time lag (the *overlap-vs-lag curve*), rank correlations of scores, and each layer's share of the set.
+The paper's central observation is that *which* parameters matter changes during training. The tools here
+turn that into numbers: :func:`jaccard` (overlap of two sets), :func:`rank_correlation` (agreement of two
+score snapshots), :func:`layer_share` (where a set lives). :class:`DriftRecorder` is an ``on_step`` callback
+for :func:`epi_mini.train.fit`: every ``every`` steps after the strategy's warm-up it takes the top-``ratio``
+set of the current importance scores (what a refresh at that moment would isolate) and, on a fixed sample of
+entries, the scores themselves; :meth:`DriftRecorder.summary` turns the snapshots into the overlap-vs-lag
+curve, rank correlations, and each layer's share of the set.
 """
 import re
 
 import torch
 
-from .epi import jaccard, rank_correlation, top_fraction
+from .epi import EPS, indices_to_masks, overlap_counts, top_fraction
+
+
+def jaccard(a, b):
+    """|A and B| / |A or B| of two sets given as name -> bool tensor (1.0 when both are empty)."""
+    inter, union = overlap_counts({n: m.view(-1).nonzero().squeeze(1) for n, m in a.items()},
+                                  {n: m.view(-1).nonzero().squeeze(1) for n, m in b.items()})
+    return inter / union if union else 1.0
+
+
+def rank_correlation(a, b, sample=None, seed=0):
+    """Spearman rank correlation of two score snapshots (name -> tensor), over all entries or a fixed random
+    ``sample`` of them (same positions in both)."""
+    x = torch.cat([a[n].reshape(-1).float() for n in a])
+    y = torch.cat([b[n].reshape(-1).float() for n in a])
+    if sample is not None and sample < x.numel():
+        pick = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(seed))[:sample]
+        x, y = x[pick.to(x.device)], y[pick.to(y.device)]
+    rx, ry = (torch.argsort(torch.argsort(v)).float() for v in (x, y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / ((rx.norm() * ry.norm()) + EPS))
+
+
+def layer_share(isolated):
+    """Fraction of each tensor that is isolated: name -> float."""
+    return {n: float(m.float().mean()) for n, m in isolated.items()}
 
 
 def layer_group(name):
@@ -22,23 +49,20 @@ def layer_group(name):
 
 
 class DriftRecorder:
+    """``fit(run, on_step=DriftRecorder(every=50))`` on an EPI run: snapshots of its importance over time."""
+
     def __init__(self, every=50, ratio=None, sample=20000, seed=0):
         self.every, self.ratio, self.sample, self.seed = every, ratio, sample, seed
         self.steps, self.sets, self.scores = [], [], []
 
     def __call__(self, step, run, strategy):
         done = step + 1
-        if done % self.every or done <= getattr(strategy, "warmup_steps", 0):
+        if done % self.every or done <= strategy.warmup_steps:
             return
         ratio = self.ratio if self.ratio is not None else strategy.isolation_ratio
         picked = top_fraction(strategy.scores, ratio, strategy.normalizer)
-        sets = {}
-        for n, p in strategy.params.items():
-            mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            mask[picked[n].long()] = True
-            sets[n] = mask.cpu()
         self.steps.append(done)
-        self.sets.append(sets)
+        self.sets.append({n: m.cpu() for n, m in indices_to_masks(picked, strategy.params).items()})
         self.scores.append({n: s.detach().float().cpu().clone() for n, s in strategy.scores.items()})
 
     def overlap_matrix(self):

@@ -1,4 +1,4 @@
-"""Evolving Parameter Isolation (EPI) and the static isolation baselines, for any model and optimizer.
+"""Evolving Parameter Isolation (EPI), for any model and any element-wise optimizer.
 
 EPI (Xue, Liang et al., 2026, arXiv 2604.14010) protects the parameters that currently matter most:
 
@@ -9,33 +9,27 @@ EPI (Xue, Liang et al., 2026, arXiv 2604.14010) protects the parameters that cur
    fraction of normalised scores over all tensors becomes the *isolated* set;
 4. isolation = no update: isolated entries are left exactly at their pre-step values.
 
-Step 4 masks the optimizer's *final* delta, not the gradient. Zeroing the gradient is not enough: AdamW
-still moves a zero-gradient weight through its momentum and its decoupled weight decay (Avalanche's
-PackNet warns of the same). So :meth:`step` saves the isolated entries, runs ``optimizer.step()`` and
-writes them back. The optimizer's moments keep updating for isolated entries; they are neither frozen nor
-reset, so an entry released at a refresh resumes with its momentum. This is exact for element-wise
-optimizers (SGD, Adam, AdamW, ...): every other entry moves exactly as the plain optimizer moves it.
+Step 4 masks the optimizer's *final* delta, not the gradient: AdamW still moves a zero-gradient weight
+through its momentum and its decoupled weight decay (Avalanche's PackNet warns of the same). So
+:meth:`MaskedUpdate.masked_step` saves the isolated entries, runs ``optimizer.step()`` and writes them back.
+The moments of isolated entries keep updating (neither frozen nor reset), so an entry released at a refresh
+resumes with its momentum. For element-wise optimizers (SGD, Adam, AdamW, ...) this is exact: every other
+entry moves exactly as the plain optimizer moves it.
 
-:class:`StaticIsolation` has the same ``step(optimizer)`` contract with a mask that never changes by
-itself (CPI-FT core regions, grown stage by stage with :meth:`StaticIsolation.freeze`). The "static EPI
-score" control is ``EvolvingIsolation(..., mask_interval="once")``: EPI's own score, taken once after
-warm-up and never refreshed. The module imports nothing but torch, so it works on any ``nn.Module``.
-
-Memory per parameter (N parameters, rho the isolation ratio; see :meth:`state_bytes`):
-  EMA: 4 bytes (fp32, default) or 2 bytes (``ema_dtype=torch.bfloat16``);
-  isolated set: 4*rho bytes as int32 indices (``mask_storage="index"``, default, fastest) or 1/8 byte as
-  packed bits (``mask_storage="bits"``, unpacked on every step: slower, smallest for rho > 3%).
-  A refresh also needs a transient N-float buffer. bf16 has an 8-bit mantissa: an EMA with beta > 0.99
-  cannot absorb increments smaller than 2**-8 of itself, so the compact EMA requires beta <= 0.99.
+This module is the method and nothing else; it imports only torch (and :mod:`epi_mini.compact`, the packed
+storage of the compact mode). The static baseline (CPI-FT) is in :mod:`epi_mini.baselines`, the tools that
+measure drift in :mod:`epi_mini.drift`.
 """
 import warnings
 
 import torch
 
+from .compact import pack_bits, unpack_bits
+
 EPS = 1e-12
 
 
-# --- importance scores: f(param, grad) -> per-element score >= 0. Add your own in one line. ---------------
+# --- 1. importance scores: f(param, grad) -> per-element score >= 0. Add your own in one line. ------------
 def squared_gradient(param, grad):
     """EPI's default: g**2, whose EMA is a diagonal empirical-Fisher estimate."""
     return grad * grad
@@ -49,7 +43,7 @@ def gradient_times_weight(param, grad):
 IMPORTANCE_SCORES = {"squared_gradient": squared_gradient, "gradient_times_weight": gradient_times_weight}
 
 
-# --- layer-wise normalisers: scores within one tensor -> comparable across tensors ------------------------
+# --- 2. layer-wise normalisers: scores within one tensor -> comparable across tensors -----------------------
 def _affine_stats(kind, s):
     """(shift, scale) such that the normalised score is (s - shift) / scale."""
     if kind == "mean":
@@ -75,6 +69,7 @@ def normalize(score, kind="mean", out=None):
 NORMALIZERS = ("mean", "max", "zscore", "rank")
 
 
+# --- 3. global selection -------------------------------------------------------------------------------------
 def top_fraction(scores, ratio, normalizer="mean"):
     """Global top-``ratio`` entries of layer-normalised ``scores`` (name -> tensor) as name -> int32 flat indices.
 
@@ -96,45 +91,55 @@ def top_fraction(scores, ratio, normalizer="mean"):
     return {name: c.nonzero().squeeze(1).to(torch.int32) for name, c in zip(scores, chosen.split(sizes))}
 
 
-# --- drift tools: cheap enough to log at every refresh ---------------------------------------------------
-def jaccard(a, b):
-    """|A and B| / |A or B| of two isolated sets given as name -> bool tensor (1.0 when both are empty)."""
-    inter = sum(int((a[n] & b[n]).sum()) for n in a)
-    union = sum(int((a[n] | b[n]).sum()) for n in a)
-    return inter / union if union else 1.0
+def indices_to_masks(indices, like):
+    """name -> flat indices to name -> bool mask shaped like ``like[name]`` (a tensor); names absent from
+    ``indices`` get an all-False mask."""
+    out = {}
+    for n, t in like.items():
+        mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+        if n in indices:
+            mask[indices[n].long()] = True
+        out[n] = mask.view(t.shape)
+    return out
 
 
-def rank_correlation(a, b, sample=None, seed=0):
-    """Spearman rank correlation of two score snapshots (name -> tensor), over all entries or a fixed random
-    ``sample`` of them (same positions in both)."""
-    x = torch.cat([a[n].reshape(-1).float() for n in a])
-    y = torch.cat([b[n].reshape(-1).float() for n in a])
-    if sample is not None and sample < x.numel():
-        pick = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(seed))[:sample]
-        x, y = x[pick.to(x.device)], y[pick.to(y.device)]
-    rx, ry = (torch.argsort(torch.argsort(v)).float() for v in (x, y))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / ((rx.norm() * ry.norm()) + EPS))
+def overlap_counts(previous, current):
+    """(|A and B|, |A or B|) of two isolated sets given as name -> sorted flat indices."""
+    inter = sum(int(torch.isin(current[n], previous[n]).sum()) for n in current if n in previous)
+    size = sum(int(i.numel()) for i in previous.values()) + sum(int(i.numel()) for i in current.values())
+    return inter, size - inter
 
 
-def layer_share(isolated):
-    """Fraction of each tensor that is isolated: name -> float."""
-    return {n: float(m.float().mean()) for n, m in isolated.items()}
+# --- argument checks, shared with epi_mini.config (which checks the same options on the command line) ------
+def check_options(isolation_ratio=0.1, mask_interval=20, ema_beta=0.99, warmup_steps=100, normalizer="mean",
+                  importance="squared_gradient"):
+    """Raise ``ValueError("invalid <name>=<value>: must be ...")`` for the first option out of range."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for name, value, ok, allowed in (
+            ("isolation_ratio", isolation_ratio, num(isolation_ratio) and 0 <= isolation_ratio < 1, "in [0, 1)"),
+            ("mask_interval", mask_interval, mask_interval in ("once", "auto") or (whole(mask_interval) and
+             mask_interval >= 1), "an integer >= 1, 'once' or 'auto'"),
+            ("ema_beta", ema_beta, num(ema_beta) and 0 <= ema_beta < 1, "in [0, 1)"),
+            ("warmup_steps", warmup_steps, whole(warmup_steps) and warmup_steps >= 0, "an integer >= 0"),
+            ("normalizer", normalizer, normalizer in NORMALIZERS, f"one of {NORMALIZERS}"),
+            ("importance", importance, callable(importance) or importance in IMPORTANCE_SCORES,
+             f"one of {tuple(IMPORTANCE_SCORES)} or a function f(param, grad)")):
+        if not ok:
+            raise ValueError(f"invalid {name}={value!r}: must be {allowed}")
+    if mask_interval == "auto" and normalizer == "rank":
+        raise ValueError("invalid normalizer='rank' with mask_interval='auto': the drift estimate needs an affine "
+                         "normalizer; use 'mean', 'max' or 'zscore'")
 
 
-def group_by_overlap(cores, tau=0.1):
-    """CPI-FT task grouping: tasks whose core regions overlap with Jaccard >= ``tau`` (directly or through a
-    chain of tasks) share a group. ``cores``: task -> (name -> bool tensor). Returns a list of task lists."""
-    groups = []
-    for task in cores:
-        joined = [g for g in groups if any(jaccard(cores[task], cores[t]) >= tau for t in g)]
-        groups = [g for g in groups if g not in joined] + [sum(joined, []) + [task]]
-    return groups
+# --- 4. the masked step: an isolated set and optimizer steps that leave it untouched ------------------------
+class MaskedUpdate:
+    """Holds an isolated set (name -> flat indices) and runs optimizer steps that leave it exactly unchanged.
 
-
-# --- the shared mechanism: an isolated set and a masked optimizer step ------------------------------------
-class _MaskedUpdate:
-    """Holds an isolated set and runs optimizer steps that leave it untouched."""
+    ``params``: an ``nn.Module`` or ``(name, parameter)`` pairs; parameters that do not require gradients
+    are not managed. Warning (as for PackNet): the optimizer's momentum of an isolated entry keeps evolving;
+    the entry does not move only because every step goes through :meth:`masked_step`.
+    """
 
     def __init__(self, params, mask_storage="index"):
         named = params.named_parameters() if isinstance(params, torch.nn.Module) else params
@@ -142,176 +147,109 @@ class _MaskedUpdate:
         if not self.params:
             raise ValueError("no trainable parameters given")
         if mask_storage not in ("index", "bits"):
-            raise ValueError(f"mask_storage must be 'index' or 'bits', got {mask_storage!r}")
+            raise ValueError(f"invalid mask_storage={mask_storage!r}: must be 'index' or 'bits'")
         self.mask_storage = mask_storage
         self._stored = {}  # name -> int32 indices ("index") or packed uint8 bits ("bits"); absent = none
 
-    # Storage of the isolated set.
+    def _tensor(self, name):
+        """The tensor whose entries are isolated (a sharded subclass returns this process's shard)."""
+        return self.params[name]
+
+    def _grad(self, name):
+        """The gradient of :meth:`_tensor` (None if the parameter got none this step)."""
+        return self.params[name].grad
+
     def _set_isolated(self, indices):
         self._stored = {}
         for n, idx in indices.items():
             if idx.numel() == 0:
                 continue
-            if self.mask_storage == "index":
-                self._stored[n] = idx
-            else:
-                bits = torch.zeros(-(-self.params[n].numel() // 8) * 8, dtype=torch.bool, device=idx.device)
-                bits[idx.long()] = True
-                weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=idx.device)
-                self._stored[n] = (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+            self._stored[n] = idx if self.mask_storage == "index" else pack_bits(idx, self._tensor(n).numel())
 
     def _indices(self, name):
-        if self.mask_storage == "index":
-            return self._stored[name]
-        shifts = torch.arange(8, dtype=torch.uint8, device=self._stored[name].device)
-        bits = ((self._stored[name].unsqueeze(1) >> shifts) & 1).view(-1)[: self.params[name].numel()]
-        return bits.nonzero().squeeze(1).to(torch.int32)
+        stored = self._stored[name]
+        return stored if self.mask_storage == "index" else unpack_bits(stored, self._tensor(name).numel())
+
+    def isolated_indices(self):
+        """name -> sorted int32 flat indices of the isolated entries (tensors with none are absent)."""
+        return {n: self._indices(n) for n in self._stored}
 
     @property
     def isolated(self):
         """name -> bool tensor shaped like the parameter; True = left unchanged by the next step."""
-        out = {}
-        for n, p in self.params.items():
-            mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            if n in self._stored:
-                mask[self._indices(n).long()] = True
-            out[n] = mask.view_as(p)
-        return out
+        return indices_to_masks(self.isolated_indices(), {n: self._tensor(n) for n in self.params})
+
+    def _reduce_counts(self, *counts):
+        """Sums of a few integers over every process that holds a part of the state (here: just this one)."""
+        return list(counts)
 
     def isolated_fraction(self):
-        n_iso = sum(int(self._indices(n).numel()) for n in self._stored)
-        return n_iso / sum(p.numel() for p in self.params.values())
+        isolated = sum(int(self._indices(n).numel()) for n in self._stored)
+        isolated, total = self._reduce_counts(isolated, sum(self._tensor(n).numel() for n in self.params))
+        return isolated / total
 
     @torch.no_grad()
-    def _masked_optimizer_step(self, optimizer):
+    def masked_step(self, optimizer):
         # Save only the isolated entries (rho * N values, not a full copy), step, write them back.
         saved = [(p, idx, p.view(-1).index_select(0, idx)) for p, idx in
-                 ((self.params[n], self._indices(n)) for n in self._stored)]
+                 ((self._tensor(n), self._indices(n)) for n in self._stored)]
         optimizer.step()
         for p, idx, values in saved:
             p.view(-1).index_put_((idx,), values)
 
-    def _mask_state(self):
+    def state_dict(self):
         return {"mask_storage": self.mask_storage, "stored": {n: t.clone() for n, t in self._stored.items()}}
 
-    def _load_mask_state(self, state):
+    def load_state_dict(self, state):
         if state["mask_storage"] != self.mask_storage:
             raise ValueError(f"state has mask_storage={state['mask_storage']!r}, this object {self.mask_storage!r}")
         unknown = set(state["stored"]) - set(self.params)
         if unknown:
             raise ValueError(f"state names parameters this model lacks: {sorted(unknown)[:5]}")
-        self._stored = {n: t.to(self.params[n].device) for n, t in state["stored"].items()}
+        self._stored = {n: t.to(self._tensor(n).device) for n, t in state["stored"].items()}
 
 
-class StaticIsolation(_MaskedUpdate):
-    """A fixed isolated set (CPI-FT's frozen core regions). ``freeze(mask)`` adds entries, e.g. the cores of
-    the task group that just finished its pipeline stage; nothing is ever released.
-
-    Warning (as for PackNet): the optimizer's momentum of a frozen entry keeps evolving; the entry does not
-    move only because every step is masked. Stepping the optimizer outside :meth:`step` would move it.
-    """
-
-    def __init__(self, params, isolated=None, mask_storage="index"):
-        super().__init__(params, mask_storage)
-        if isolated:
-            self.freeze(isolated)
-
-    def freeze(self, mask):
-        """Add the True entries of ``mask`` (name -> bool tensor) to the isolated set."""
-        current = self.isolated
-        merged = {n: (current[n] | mask[n].to(current[n].device)) if n in mask else current[n] for n in current}
-        self._set_isolated({n: m.view(-1).nonzero().squeeze(1).to(torch.int32) for n, m in merged.items()})
-
-    def step(self, optimizer):
-        self._masked_optimizer_step(optimizer)
-        return True
-
-    def state_dict(self):
-        return self._mask_state()
-
-    def load_state_dict(self, state):
-        self._load_mask_state(state)
-
-
-def core_region(before, after, ratio):
-    """CPI-FT's core region of a probe fine-tune: the global top-``ratio`` entries by update magnitude
-    ``|after - before|`` (name -> tensor dicts), as name -> bool tensor."""
-    picked = top_fraction({n: (after[n] - before[n]).abs() for n in before}, ratio, normalizer=None)
-    out = {}
-    for n, t in before.items():
-        mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-        mask[picked[n].long()] = True
-        out[n] = mask.view_as(t)
-    return out
-
-
-class EvolvingIsolation(_MaskedUpdate):
-    """EPI as an update strategy: ``strategy.step(optimizer)`` in place of ``optimizer.step()``.
+# --- EPI: the four steps together ------------------------------------------------------------------------------
+class EvolvingIsolation(MaskedUpdate):
+    """EPI as an update rule: ``isolation.step(optimizer)`` in place of ``optimizer.step()``.
 
     Arguments: ``isolation_ratio`` rho in [0, 1); ``mask_interval`` K >= 1 steps between refreshes, or
-    ``"once"`` (refresh once after warm-up, then never: the static-EPI-score control), or ``"auto"`` (refresh
-    when the isolated set has drifted by more than ``drift_threshold``, estimated every ``auto_check_every``
-    steps on a fixed random sample of ``drift_sample`` entries); ``ema_beta`` in [0, 1); ``warmup_steps`` >= 0
-    steps of statistics before anything is isolated; ``normalizer`` one of :data:`NORMALIZERS`;
-    ``importance`` a name in :data:`IMPORTANCE_SCORES` or any ``f(param, grad) -> score``.
+    ``"once"`` (refresh once after warm-up, then never: the static-EPI-score control; for ``"auto"``, refresh
+    when the set has drifted, see :class:`epi_mini.adaptive.AdaptiveIsolation`); ``ema_beta`` in [0, 1);
+    ``warmup_steps`` >= 0 steps of statistics before anything is isolated; ``normalizer`` one of
+    :data:`NORMALIZERS`; ``importance`` a name in :data:`IMPORTANCE_SCORES` or any ``f(param, grad) -> score``.
 
-    Non-finite gradients: if any gradient holds NaN or inf, the whole step is skipped (no importance update,
-    no optimizer step), a warning is issued, ``skipped_steps`` grows and ``step`` returns False. A step
-    never writes a NaN into the importance scores.
+    A gradient with a NaN or inf skips the whole step (no importance update, no optimizer step) with a
+    warning; ``skipped_steps`` grows and ``step`` returns False. No NaN ever reaches the scores.
     """
-    auto_check_every = 10
 
     def __init__(self, params, isolation_ratio=0.1, mask_interval=20, ema_beta=0.99, warmup_steps=100,
-                 normalizer="mean", importance="squared_gradient", ema_dtype=torch.float32,
-                 mask_storage="index", drift_threshold=0.2, drift_sample=4096, seed=0):
+                 normalizer="mean", importance="squared_gradient", ema_dtype=torch.float32, mask_storage="index"):
         super().__init__(params, mask_storage)
-        if not (isinstance(isolation_ratio, (int, float)) and 0 <= isolation_ratio < 1):
-            raise ValueError(f"isolation_ratio must be in [0, 1), got {isolation_ratio!r}")
-        if mask_interval not in ("once", "auto") and not (isinstance(mask_interval, int) and mask_interval >= 1):
-            raise ValueError(f"mask_interval must be an integer >= 1, 'once' or 'auto', got {mask_interval!r}")
-        if not (isinstance(ema_beta, (int, float)) and 0 <= ema_beta < 1):
-            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
-        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
-        if mask_interval == "auto" and normalizer == "rank":
-            raise ValueError("mask_interval='auto' estimates drift with an affine normalizer; "
-                             "use normalizer 'mean', 'max' or 'zscore'")
-        if not (isinstance(drift_threshold, (int, float)) and 0 < drift_threshold <= 1):
-            raise ValueError(f"drift_threshold must be in (0, 1], got {drift_threshold!r}")
-        if ema_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"ema_dtype must be torch.float32 or torch.bfloat16, got {ema_dtype!r}")
-        if ema_dtype == torch.bfloat16 and ema_beta > 0.99:
-            raise ValueError(f"ema_beta={ema_beta} with a bf16 EMA stalls (increments below bf16 precision); "
-                             "use ema_beta <= 0.99 or ema_dtype=torch.float32")
-        if isinstance(importance, str) and importance not in IMPORTANCE_SCORES:
-            raise ValueError(f"importance must be one of {sorted(IMPORTANCE_SCORES)} or a function, got {importance!r}")
+        check_options(isolation_ratio, mask_interval, ema_beta, warmup_steps, normalizer, importance)
+        if mask_interval == "auto" and type(self) is EvolvingIsolation:
+            raise ValueError("invalid mask_interval='auto' for EvolvingIsolation: use "
+                             "epi_mini.adaptive.AdaptiveIsolation, which refreshes when the isolated set has drifted")
+        if ema_dtype not in (torch.float32, torch.bfloat16) or (ema_dtype == torch.bfloat16 and ema_beta > 0.99):
+            raise ValueError(f"invalid ema_dtype={ema_dtype!r} (with ema_beta={ema_beta}): must be torch.float32, or "
+                             "torch.bfloat16 with ema_beta <= 0.99 (a bf16 EMA stalls: its increments underflow)")
         self.isolation_ratio, self.mask_interval, self.ema_beta = isolation_ratio, mask_interval, ema_beta
-        self.warmup_steps, self.normalizer, self.drift_threshold = warmup_steps, normalizer, drift_threshold
+        self.warmup_steps, self.normalizer = warmup_steps, normalizer
         self.importance = IMPORTANCE_SCORES[importance] if isinstance(importance, str) else importance
-        self.scores = {n: torch.zeros_like(p, dtype=ema_dtype) for n, p in self.params.items()}  # the EMA
+        self.scores = {n: torch.zeros_like(self._tensor(n), dtype=ema_dtype) for n in self.params}  # the EMA
         self.num_steps, self.skipped_steps, self.history = 0, 0, []
-        # Fixed random sample for mask_interval="auto": per tensor, positions proportional to its size.
-        gen, total = torch.Generator().manual_seed(seed), sum(p.numel() for p in self.params.values())
-        self._sample = {n: torch.randint(p.numel(), (max(1, drift_sample * p.numel() // total),), generator=gen)
-                        .to(p.device) for n, p in self.params.items()} if mask_interval == "auto" else {}
-        self._sample_member = None
 
     def _due(self):
-        t = self.num_steps - self.warmup_steps  # steps since warm-up ended (>= 1 when isolation may start)
+        """Is a refresh due at this step? ``t`` counts the steps since warm-up ended (>= 1 once it may start)."""
+        t = self.num_steps - self.warmup_steps
         if t < 1:
             return False
-        if self.mask_interval == "once":
-            return not self.history
-        if self.mask_interval == "auto":
-            return not self.history or (t % self.auto_check_every == 0 and self.estimated_drift() > self.drift_threshold)
-        return (t - 1) % self.mask_interval == 0
+        return not self.history if self.mask_interval == "once" else (t - 1) % self.mask_interval == 0
 
     @torch.no_grad()
     def step(self, optimizer):
         """EMA update, refresh if due, optimizer step with the isolated entries left exactly unchanged."""
-        grads = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+        grads = [(n, g) for n, g in ((n, self._grad(n)) for n in self.params) if g is not None]
         if grads and not torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in grads]))).all():
             self.skipped_steps += 1
             warnings.warn(f"EvolvingIsolation: non-finite gradient at step {self.num_steps + 1}; step skipped "
@@ -324,55 +262,49 @@ class EvolvingIsolation(_MaskedUpdate):
             torch._foreach_addcmul_(emas, [g for _, g in grads], [g for _, g in grads], value=1 - self.ema_beta)
         else:
             for ema, (n, g) in zip(emas, grads):
-                ema.lerp_(self.importance(self.params[n], g).to(ema.dtype), 1 - self.ema_beta)
+                ema.lerp_(self.importance(self._tensor(n), g).to(ema.dtype), 1 - self.ema_beta)
         self.num_steps += 1
         if self._due():
             self.refresh()
-        self._masked_optimizer_step(optimizer)
+        self.masked_step(optimizer)
         return True
+
+    def select(self):
+        """The set a refresh isolates: the global top-rho of the normalised scores (name -> int32 indices)."""
+        return top_fraction(self.scores, self.isolation_ratio, self.normalizer)
 
     @torch.no_grad()
     def refresh(self):
         """Recompute the isolated set from the current scores; log its overlap with the previous set."""
-        previous = self.isolated if self.history else None
-        self._set_isolated(top_fraction(self.scores, self.isolation_ratio, self.normalizer))
-        current = self.isolated
-        if self._sample:
-            self._sample_member = torch.cat([current[n].view(-1)[i] for n, i in self._sample.items()])
-        self.history.append({"step": self.num_steps, "isolated_fraction": self.isolated_fraction(),
-                             "jaccard_previous": jaccard(previous, current) if previous else None})
-
-    @torch.no_grad()
-    def estimated_drift(self):
-        """1 - Jaccard between the current isolated set and the one a refresh would pick now, on the sample."""
-        values = []
-        for n, idx in self._sample.items():
-            shift, scale = _affine_stats(self.normalizer, self.scores[n].float())
-            values.append((self.scores[n].view(-1)[idx].float() - shift) / scale)
-        values = torch.cat(values)
-        k = max(1, round(self.isolation_ratio * values.numel()))
-        would = values >= torch.kthvalue(values, values.numel() - k + 1).values
-        inter, union = int((would & self._sample_member).sum()), int((would | self._sample_member).sum())
-        return 1 - inter / union if union else 0.0
+        previous = self.isolated_indices() if self.history else None
+        self._set_isolated(self.select())
+        current = self.isolated_indices()
+        inter, union = overlap_counts(previous, current) if previous is not None else (0, 0)
+        isolated, total, inter, union = self._reduce_counts(sum(int(i.numel()) for i in current.values()),
+                                                            sum(s.numel() for s in self.scores.values()), inter, union)
+        self.history.append({"step": self.num_steps, "isolated_fraction": isolated / total,
+                             "jaccard_previous": (inter / union if union else 1.0) if previous is not None else None})
 
     def state_bytes(self):
-        """Bytes of EPI state: {"ema", "mask", "total", "per_param"} (excluding the refresh's transient buffer)."""
+        """Bytes of EPI state: {"ema", "mask", "total", "per_param"}. The EMA costs 4 bytes per parameter (fp32)
+        or 2 (``ema_dtype=torch.bfloat16``: needs beta <= 0.99, as bf16's 8-bit mantissa cannot absorb smaller
+        increments); the isolated set 4*rho (int32 indices, ``mask_storage="index"``, fastest) or 1/8 (packed
+        bits, unpacked at every step). A refresh also needs a transient N-float buffer (not counted)."""
         ema = sum(s.numel() * s.element_size() for s in self.scores.values())
         mask = sum(t.numel() * t.element_size() for t in self._stored.values())
-        n = sum(p.numel() for p in self.params.values())
+        n = sum(s.numel() for s in self.scores.values())
         return {"ema": ema, "mask": mask, "total": ema + mask, "per_param": (ema + mask) / n}
 
     def state_dict(self):
-        return {**self._mask_state(), "scores": {n: s.clone() for n, s in self.scores.items()},
+        return {**super().state_dict(), "scores": {n: s.clone() for n, s in self.scores.items()},
                 "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
-                "history": [dict(h) for h in self.history],
-                "sample_member": None if self._sample_member is None else self._sample_member.clone()}
+                "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state):
         if set(state["scores"]) != set(self.params):
             raise ValueError("importance state does not match these parameters: "
                              f"{sorted(set(state['scores']) ^ set(self.params))[:5]}")
-        self._load_mask_state(state)
+        super().load_state_dict(state)
         for n, s in state["scores"].items():
             if s.shape != self.scores[n].shape or s.dtype != self.scores[n].dtype:
                 raise ValueError(f"importance of {n!r}: saved {tuple(s.shape)} {s.dtype}, "
@@ -380,5 +312,3 @@ class EvolvingIsolation(_MaskedUpdate):
             self.scores[n].copy_(s)
         self.num_steps, self.skipped_steps = state["num_steps"], state["skipped_steps"]
         self.history = [dict(h) for h in state["history"]]
-        member = state["sample_member"]
-        self._sample_member = None if member is None else member.to(next(iter(self.params.values())).device)

@@ -8,6 +8,9 @@ the key is a hash of the run's full config, so a run shared by two protocols is 
 run is never redone (delete the file to redo it). Each protocol then writes ``results/<protocol>/summary.json``
 and ``summary.md`` (mean ± sample std over seeds) and its figures.
 
+A protocol is data (:class:`Protocol`, all of them in :data:`PROTOCOLS`): its cells (label -> config
+overrides), the summary it computes from the cells' records, the table it writes and its figures.
+
 | protocol     | echoes                             | what it measures                                      |
 |--------------|------------------------------------|-------------------------------------------------------|
 | `main`       | EPI main table, CPI-FT Table 1     | per-task final scores and average normalised score     |
@@ -18,17 +21,23 @@ and ``summary.md`` (mean ± sample std over seeds) and its figures.
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 
-from .checkpoint import save_json
+from .checkpoint import atomic_write_bytes, save_json
 from .config import make_config
-from .metrics import average_normalized_score, mean_and_spread, retention
+from .drift import DriftRecorder
+from .metrics import average_normalized_score, over_seeds, retention
+from .train import Run, fit
 
 RESULTS = Path("results")
 FORGETTING_TASKS = ("math", "code")            # A: multi-step arithmetic (GSM8K-like), B: code
@@ -37,28 +46,28 @@ SWEEP_INTERVALS = (5, 20, 100, "auto")
 DRIFT_RATIOS = (0.05, 0.1, 0.3)
 
 
-def protocol_runs(protocol, preset="cpu"):
-    """(label, config overrides) of every cell of a protocol (seeds are added by the caller)."""
-    if protocol == "main":
-        return [("full SFT (multi-task)", dict(method="full", schedule="multitask")),
-                ("full SFT (shifting)", dict(method="full")),
-                ("multi-stage SFT", dict(method="multistage")),
-                ("static (CPI-FT)", dict(method="static")),
-                ("static EPI score", dict(method="static-epi")),
-                ("EPI", dict(method="epi"))]
-    if protocol == "forgetting":
-        two = dict(schedule="two_task", tasks=FORGETTING_TASKS)
-        return [("full SFT", dict(method="full", **two)), ("multi-stage SFT", dict(method="multistage", **two)),
-                ("static (CPI-FT)", dict(method="static", **two)), ("EPI", dict(method="epi", **two))]
-    if protocol == "drift":
-        return [(f"EPI rho={r}", dict(method="epi", isolation_ratio=r)) for r in DRIFT_RATIOS]
-    if protocol == "sweep":
-        return [(f"rho={r} K={k}", dict(method="epi", isolation_ratio=r, mask_interval=k))
-                for r in SWEEP_RATIOS for k in SWEEP_INTERVALS]
-    raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS} or 'all'")
+def main_cells():
+    return [("full SFT (multi-task)", dict(method="full", schedule="multitask")),
+            ("full SFT (shifting)", dict(method="full")),
+            ("multi-stage SFT", dict(method="multistage")),
+            ("static (CPI-FT)", dict(method="static")),
+            ("static EPI score", dict(method="static-epi")),
+            ("EPI", dict(method="epi"))]
 
 
-PROTOCOLS = ("main", "forgetting", "drift", "sweep")
+def forgetting_cells():
+    two = dict(schedule="two_task", tasks=FORGETTING_TASKS)
+    return [("full SFT", dict(method="full", **two)), ("multi-stage SFT", dict(method="multistage", **two)),
+            ("static (CPI-FT)", dict(method="static", **two)), ("EPI", dict(method="epi", **two))]
+
+
+def drift_cells():
+    return [(f"EPI rho={r}", dict(method="epi", isolation_ratio=r)) for r in DRIFT_RATIOS]
+
+
+def sweep_cells():
+    return [(f"rho={r} K={k}", dict(method="epi", isolation_ratio=r, mask_interval=k))
+            for r in SWEEP_RATIOS for k in SWEEP_INTERVALS]
 
 
 def run_key(cfg):
@@ -66,6 +75,12 @@ def run_key(cfg):
     d.pop("device")
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method}-{cfg.schedule}-seed{cfg.seed}-{digest}"
+
+
+def _pool(workers):
+    """Worker processes for training: fresh interpreters ("spawn"), so no thread pool or lock of the parent
+    process is inherited half-initialised. Used by both :func:`run_many` and :func:`run_protocols`."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _run_one(cfg, path, threads):
@@ -78,20 +93,15 @@ def _run_one(cfg, path, threads):
 def run_many(configs, workers=2, drift=False):
     """Train several configs in parallel processes and return their records, in order (nothing is written).
     The notebooks use this to run a comparison over seeds in about half the time of a loop."""
-    import multiprocessing
     workers = max(1, min(workers, os.cpu_count() or 1, len(configs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     if workers == 1:
         return [_train(cfg, threads, drift) for cfg in configs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    with _pool(workers) as pool:
         return list(pool.map(_train, configs, [threads] * len(configs), [drift] * len(configs)))
 
 
 def _train(cfg, threads, drift):
-    import torch
-
-    from .drift import DriftRecorder
-    from .train import Run, fit
     torch.set_num_threads(threads)
     run = Run(cfg)
     recorder = DriftRecorder(every=max(10, cfg.steps_per_stage // 10)) if drift and cfg.method == "epi" else None
@@ -106,7 +116,7 @@ def run_protocols(protocols, preset="cpu", seeds=(0, 1, 2), workers=None, out=RE
     out = Path(out)
     overrides = overrides or {}
     cells = {p: [(label, [make_config(preset, seed=s, **{**kw, **overrides}) for s in seeds])
-                 for label, kw in protocol_runs(p, preset)] for p in protocols}
+                 for label, kw in protocol(p).cells()] for p in protocols}
     todo = {}
     for p in protocols:
         for _, cfgs in cells[p]:
@@ -121,7 +131,7 @@ def run_protocols(protocols, preset="cpu", seeds=(0, 1, 2), workers=None, out=RE
         f"{workers} worker(s) x {threads} thread(s)")
     t0 = time.perf_counter()
     if todo:
-        with ProcessPoolExecutor(workers) as pool:
+        with _pool(workers) as pool:
             futures = [pool.submit(_run_one, cfg, path, threads) for path, cfg in todo.items()]
             for i, f in enumerate(as_completed(futures), 1):
                 path, seconds = f.result()
@@ -130,24 +140,23 @@ def run_protocols(protocols, preset="cpu", seeds=(0, 1, 2), workers=None, out=RE
     for p in protocols:
         records = {label: [json.loads((out / "runs" / f"{run_key(c)}.json").read_text()) for c in cfgs]
                    for label, cfgs in cells[p]}
-        summaries[p] = SUMMARIZERS[p](records)
+        proto = protocol(p)
+        summaries[p] = proto.summarize(records)
         summaries[p]["preset"], summaries[p]["seeds"] = preset, list(seeds)
         summaries[p]["runs"] = {label: [run_key(c) for c in cfgs] for label, cfgs in cells[p]}
         save_json(out / p / "summary.json", summaries[p])
-        (out / p).mkdir(parents=True, exist_ok=True)
-        _atomic_text(out / p / "summary.md", MARKDOWN[p](summaries[p]))
-        FIGURES[p](summaries[p], records, out / p)
+        title, intro, headers, rows = proto.table(summaries[p])
+        atomic_write_bytes(out / p / "summary.md", f"# {title}\n\n{intro}\n\n{markdown_table(headers, rows)}".encode())
+        proto.figures(summaries[p], records, out / p)
     return summaries
 
 
-def _atomic_text(path, text):
-    from .checkpoint import atomic_write_bytes
-    atomic_write_bytes(path, text.encode())
+def markdown_table(headers, rows):
+    """The one table writer: a header row, a separator, one line per row (cells are strings)."""
+    lines = [headers, ["---"] * len(headers), *rows]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
 
 
-def _ms(values):
-    m, s = mean_and_spread(values)
-    return {"mean": m, "std": s, "values": list(map(float, values))}
 
 
 def _fmt(d, digits=3):
@@ -166,14 +175,14 @@ def summarize_main(records):
     for label, recs in records.items():
         finals = [dict(zip(r["tasks"], r["accuracy_matrix"][-1])) for r in recs]
         methods[label] = {
-            "final_scores": {t: _ms([f[t] for f in finals]) for t in tasks},
-            "average_score": _ms([r["metrics"]["average_score"] for r in recs]),
-            "average_normalized_score": _ms([average_normalized_score(f, reference) if reference else float("nan")
+            "final_scores": {t: over_seeds([f[t] for f in finals]) for t in tasks},
+            "average_score": over_seeds([r["metrics"]["average_score"] for r in recs]),
+            "average_normalized_score": over_seeds([average_normalized_score(f, reference) if reference else float("nan")
                                              for f in finals]),
-            "forgetting": _ms([r["metrics"]["forgetting"] for r in recs]),
-            "plasticity": _ms([r["metrics"]["plasticity"] for r in recs]),
-            "retention": _ms([retention(r["accuracy_matrix"], r["first_stage"]) for r in recs]),
-            "seconds": _ms([r["timing"]["seconds"] for r in recs]),
+            "forgetting": over_seeds([r["metrics"]["forgetting"] for r in recs]),
+            "plasticity": over_seeds([r["metrics"]["plasticity"] for r in recs]),
+            "retention": over_seeds([retention(r["accuracy_matrix"], r["first_stage"]) for r in recs]),
+            "seconds": over_seeds([r["timing"]["seconds"] for r in recs]),
         }
     return {"tasks": tasks, "reference": ref_label, "reference_scores": reference, "methods": methods}
 
@@ -183,10 +192,10 @@ def summarize_forgetting(records):
     out = {}
     for label, recs in records.items():
         # R rows: after stage A, after stage B; columns: A, B.
-        out[label] = {"score_A_after_A": _ms([r["accuracy_matrix"][0][0] for r in recs]),
-                      "delta_A": _ms([r["accuracy_matrix"][1][0] - r["accuracy_matrix"][0][0] for r in recs]),
-                      "delta_B": _ms([r["accuracy_matrix"][1][1] - r["accuracy_matrix"][0][1] for r in recs]),
-                      "score_B_after_B": _ms([r["accuracy_matrix"][1][1] for r in recs])}
+        out[label] = {"score_A_after_A": over_seeds([r["accuracy_matrix"][0][0] for r in recs]),
+                      "delta_A": over_seeds([r["accuracy_matrix"][1][0] - r["accuracy_matrix"][0][0] for r in recs]),
+                      "delta_B": over_seeds([r["accuracy_matrix"][1][1] - r["accuracy_matrix"][0][1] for r in recs]),
+                      "score_B_after_B": over_seeds([r["accuracy_matrix"][1][1] for r in recs])}
     return {"task_A": a, "task_B": b, "methods": out}
 
 
@@ -195,70 +204,60 @@ def summarize_drift(records):
     for label, recs in records.items():
         d = [r["drift"] for r in recs]
         out[label] = {"lag_steps": d[0]["lag_steps"],
-                      "overlap_by_lag": [_ms(v) for v in zip(*[x["overlap_by_lag"] for x in d])],
-                      "overlap_consecutive": _ms([x["overlap_consecutive"] for x in d]),
-                      "overlap_first_last": _ms([x["overlap_first_last"] for x in d]),
-                      "rank_correlation_first_last": _ms([x["rank_correlation_first_last"] for x in d]),
-                      "layer_share_first": {g: _ms([x["layer_share"][g][0] for x in d]) for g in d[0]["layer_share"]},
-                      "layer_share_last": {g: _ms([x["layer_share"][g][-1] for x in d]) for g in d[0]["layer_share"]}}
+                      "overlap_by_lag": [over_seeds(v) for v in zip(*[x["overlap_by_lag"] for x in d])],
+                      "overlap_consecutive": over_seeds([x["overlap_consecutive"] for x in d]),
+                      "overlap_first_last": over_seeds([x["overlap_first_last"] for x in d]),
+                      "rank_correlation_first_last": over_seeds([x["rank_correlation_first_last"] for x in d]),
+                      "layer_share_first": {g: over_seeds([x["layer_share"][g][0] for x in d]) for g in d[0]["layer_share"]},
+                      "layer_share_last": {g: over_seeds([x["layer_share"][g][-1] for x in d]) for g in d[0]["layer_share"]}}
     return {"methods": out}
 
 
 def summarize_sweep(records):
     cells = {}
     for label, recs in records.items():
-        cells[label] = {"retention": _ms([retention(r["accuracy_matrix"], r["first_stage"]) for r in recs]),
-                        "plasticity": _ms([r["metrics"]["plasticity"] for r in recs]),
-                        "forgetting": _ms([r["metrics"]["forgetting"] for r in recs]),
-                        "average_score": _ms([r["metrics"]["average_score"] for r in recs]),
-                        "refreshes": _ms([r["strategy"]["refreshes"] for r in recs])}
+        cells[label] = {"retention": over_seeds([retention(r["accuracy_matrix"], r["first_stage"]) for r in recs]),
+                        "plasticity": over_seeds([r["metrics"]["plasticity"] for r in recs]),
+                        "forgetting": over_seeds([r["metrics"]["forgetting"] for r in recs]),
+                        "average_score": over_seeds([r["metrics"]["average_score"] for r in recs]),
+                        "refreshes": over_seeds([r["strategy"]["refreshes"] for r in recs])}
     return {"ratios": list(SWEEP_RATIOS), "intervals": [str(k) for k in SWEEP_INTERVALS], "cells": cells}
 
 
-SUMMARIZERS = {"main": summarize_main, "forgetting": summarize_forgetting, "drift": summarize_drift,
-               "sweep": summarize_sweep}
-
-
-# --- markdown tables ---------------------------------------------------------------------------------------
-def md_main(s):
+# --- tables: (title, intro, headers, rows) -----------------------------------------------------------------
+def table_main(s):
     tasks = s["tasks"]
-    head = "| method | " + " | ".join(tasks) + " | average | avg normalised | forgetting | plasticity |\n"
-    head += "|---" * (len(tasks) + 5) + "|\n"
-    rows = "".join(f"| {label} | " + " | ".join(_fmt(m["final_scores"][t], 2) for t in tasks) +
-                   f" | {_fmt(m['average_score'])} | {_fmt(m['average_normalized_score'])} | "
-                   f"{_fmt(m['forgetting'])} | {_fmt(m['plasticity'])} |\n" for label, m in s["methods"].items())
-    return (f"# main protocol ({s['preset']} preset, seeds {s['seeds']}; mean ± std over seeds)\n\n"
+    rows = [[label, *(_fmt(m["final_scores"][t], 2) for t in tasks), _fmt(m["average_score"]),
+             _fmt(m["average_normalized_score"]), _fmt(m["forgetting"]), _fmt(m["plasticity"])]
+            for label, m in s["methods"].items()]
+    return (f"main protocol ({s['preset']} preset, seeds {s['seeds']}; mean ± std over seeds)",
             f"Final held-out score per task. Average normalised score: final / {s['reference']}'s mean final "
-            "score, per task, averaged.\n\n" + head + rows)
+            "score, per task, averaged.",
+            ["method", *tasks, "average", "avg normalised", "forgetting", "plasticity"], rows)
 
 
-def md_forgetting(s):
-    rows = "".join(f"| {label} | {_fmt(m['score_A_after_A'])} | {_fmt(m['delta_A'])} | {_fmt(m['delta_B'])} |\n"
-                   for label, m in s["methods"].items())
-    return (f"# forgetting protocol: {s['task_A']} (A) then {s['task_B']} (B), {s['preset']} preset, seeds "
-            f"{s['seeds']}\n\nDelta A = score on A after B minus after A (negative = forgotten); Delta B = gain "
-            "on B during stage B.\n\n| method | A after A | Delta A | Delta B |\n|---|---|---|---|\n" + rows)
+def table_forgetting(s):
+    rows = [[label, _fmt(m["score_A_after_A"]), _fmt(m["delta_A"]), _fmt(m["delta_B"])] for label, m in s["methods"].items()]
+    return (f"forgetting protocol: {s['task_A']} (A) then {s['task_B']} (B), {s['preset']} preset, seeds {s['seeds']}",
+            "Delta A = score on A after B minus after A (negative = forgotten); Delta B = gain on B during stage B.",
+            ["method", "A after A", "Delta A", "Delta B"], rows)
 
 
-def md_drift(s):
-    rows = "".join(f"| {label} | {_fmt(m['overlap_consecutive'])} | {_fmt(m['overlap_first_last'])} | "
-                   f"{_fmt(m['rank_correlation_first_last'])} |\n" for label, m in s["methods"].items())
-    return (f"# drift protocol ({s['preset']} preset, seeds {s['seeds']})\n\nJaccard overlap of the top-rho "
-            "importance sets: between consecutive snapshots, and between the first (after warm-up) and the "
-            "last; Spearman correlation of the scores, first vs last.\n\n"
-            "| run | overlap, consecutive | overlap, first vs last | rank corr., first vs last |\n"
-            "|---|---|---|---|\n" + rows)
+def table_drift(s):
+    rows = [[label, _fmt(m["overlap_consecutive"]), _fmt(m["overlap_first_last"]), _fmt(m["rank_correlation_first_last"])]
+            for label, m in s["methods"].items()]
+    return (f"drift protocol ({s['preset']} preset, seeds {s['seeds']})",
+            "Jaccard overlap of the top-rho importance sets: between consecutive snapshots, and between the first "
+            "(after warm-up) and the last; Spearman correlation of the scores, first vs last.",
+            ["run", "overlap, consecutive", "overlap, first vs last", "rank corr., first vs last"], rows)
 
 
-def md_sweep(s):
-    rows = "".join(f"| {label} | {_fmt(m['retention'])} | {_fmt(m['plasticity'])} | {_fmt(m['average_score'])} | "
-                   f"{m['refreshes']['mean']:.0f} |\n" for label, m in s["cells"].items())
-    return (f"# sweep protocol: EPI over rho x K ({s['preset']} preset, seeds {s['seeds']})\n\nRetention: final "
-            "score of earlier tasks as a share of their best; plasticity: new tasks' score at the end of their "
-            "stage.\n\n| cell | retention | plasticity | average score | refreshes |\n|---|---|---|---|---|\n" + rows)
-
-
-MARKDOWN = {"main": md_main, "forgetting": md_forgetting, "drift": md_drift, "sweep": md_sweep}
+def table_sweep(s):
+    rows = [[label, _fmt(m["retention"]), _fmt(m["plasticity"]), _fmt(m["average_score"]), f"{m['refreshes']['mean']:.0f}"]
+            for label, m in s["cells"].items()]
+    return (f"sweep protocol: EPI over rho x K ({s['preset']} preset, seeds {s['seeds']})",
+            "Retention: final score of earlier tasks as a share of their best; plasticity: new tasks' score at the "
+            "end of their stage.", ["cell", "retention", "plasticity", "average score", "refreshes"], rows)
 
 
 # --- figures -----------------------------------------------------------------------------------------------
@@ -334,7 +333,31 @@ def fig_sweep(s, records, folder):
                folder / "sweep_scatter.png")
 
 
-FIGURES = {"main": fig_main, "forgetting": fig_forgetting, "drift": fig_drift, "sweep": fig_sweep}
+@dataclass(frozen=True)
+class Protocol:
+    """One experiment: which runs (``cells()`` -> [(label, config overrides)], trained for every seed), the
+    summary computed from their records (label -> list of records), its markdown table and its figures."""
+    name: str
+    echoes: str
+    cells: Callable
+    summarize: Callable
+    table: Callable
+    figures: Callable
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("main", "EPI main table, CPI-FT Table 1", main_cells, summarize_main, table_main, fig_main),
+    Protocol("forgetting", "CPI-FT Table 2 (A -> B)", forgetting_cells, summarize_forgetting, table_forgetting,
+             fig_forgetting),
+    Protocol("drift", "EPI's drift analysis", drift_cells, summarize_drift, table_drift, fig_drift),
+    Protocol("sweep", "EPI's sensitivity to rho and K", sweep_cells, summarize_sweep, table_sweep, fig_sweep),
+)}
+
+
+def protocol(name):
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; choose from {tuple(PROTOCOLS)} or 'all'")
+    return PROTOCOLS[name]
 
 
 def main(argv=None):
@@ -349,7 +372,7 @@ def main(argv=None):
     protocols = list(PROTOCOLS) if args.protocols == ["all"] else args.protocols
     try:
         for p in protocols:
-            protocol_runs(p)
+            protocol(p)
         if len(args.seeds) < 3:
             print("note: fewer than 3 seeds; the project reports comparisons over >= 3", file=sys.stderr)
         t0 = time.perf_counter()

@@ -17,6 +17,9 @@ stream it is ``j`` itself, here a stage can introduce several tasks at once (or,
   share of the best score the task had before the last stage (1 = nothing lost).
 * average normalised score -- mean over tasks of ``final / reference``, where the reference is the score of
   a reference run (here: full multi-task SFT with the same budget), the EPI paper's summary number.
+
+Statistics over seeds live here too (:func:`over_seeds`, :func:`summarize_seeds`): every figure the project
+reports is a mean with its spread over seeds, never a single run.
 """
 import numpy as np
 
@@ -79,6 +82,16 @@ def average_normalized_score(final_scores, reference_scores) -> float:
     return float(np.mean(ratios))
 
 
+def record_metric(record, name) -> float:
+    """One figure of a run record by name: ``average_score``, ``forgetting``, ``backward_transfer``,
+    ``plasticity`` or ``retention``, computed from its accuracy matrix."""
+    fns = {"average_score": lambda R, f: average_score(R), "forgetting": forgetting,
+           "backward_transfer": backward_transfer, "plasticity": plasticity, "retention": retention}
+    if name not in fns:
+        raise ValueError(f"unknown figure {name!r}; one of {sorted(fns)}")
+    return fns[name](record["accuracy_matrix"], record["first_stage"])
+
+
 def summarize(R, first_stage) -> dict:
     """All matrix metrics at once, as plain floats (what a run record stores)."""
     return {
@@ -89,7 +102,33 @@ def summarize(R, first_stage) -> dict:
     }
 
 
+# --- statistics over seeds ------------------------------------------------------------------------------
 def mean_and_spread(values) -> tuple:
     """Mean and sample standard deviation (ddof=1; 0 for a single value) of a list of numbers."""
     v = np.asarray(values, dtype=float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def over_seeds(values) -> dict:
+    """``{"mean", "std", "values"}`` of one figure over seeds (JSON-ready; std is the sample std)."""
+    m, s = mean_and_spread(values)
+    return {"mean": m, "std": s, "values": [float(v) for v in values]}
+
+
+def summarize_seeds(records) -> dict:
+    """Mean and spread over seeds (one record each) of the matrix metrics, each task's final score, and, for
+    every task introduced before the last stage, its best score before the last stage and its final score."""
+    tasks = records[0]["tasks"]
+    out = {"seeds": [r["config"]["seed"] for r in records], "metrics": {}, "final_scores": {}, "forgetting": {}}
+    for k in records[0]["metrics"]:
+        out["metrics"][k] = mean_and_spread([r["metrics"][k] for r in records])
+    for j, t in enumerate(tasks):
+        out["final_scores"][t] = mean_and_spread([r["accuracy_matrix"][-1][j] for r in records])
+        first = records[0]["first_stage"][j]
+        if first < len(records[0]["accuracy_matrix"]) - 1:
+            best = [max(row[j] for row in r["accuracy_matrix"][first:-1]) for r in records]
+            final = [r["accuracy_matrix"][-1][j] for r in records]
+            out["forgetting"][t] = {"best_before_last_stage": mean_and_spread(best),
+                                    "final": mean_and_spread(final),
+                                    "fell_by_half": [b > 0 and f <= 0.5 * b for b, f in zip(best, final)]}
+    return out

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
-    block_size: int = 48      # longest sequence the model sees (prompt + response)
+    block_size: int = 40      # longest sequence the model sees (prompt + response)
     vocab_size: int = 258     # 256 bytes + <|endoftext|> + <|pad|> (see tokenizer.py)
     n_layer: int = 3
     n_head: int = 4

@@ -4,18 +4,16 @@
 task at a fixed interval and at the end of each stage, and returns a *record*: a JSON-ready dict with the
 loss curve, the per-task score curves, the accuracy matrix and its metrics.
 
-The loop never calls ``optimizer.step()`` itself. It calls ``strategy.step(optimizer)``: plain SFT
-(:class:`PlainUpdate`) just steps; the isolation methods of :mod:`epi_mini.epi` step and then put the
-isolated entries back. A strategy may also define ``begin_stage(i)`` (called as stage ``i`` starts),
-``summary()`` (merged into the record), and ``state_dict()`` / ``load_state_dict()`` (checkpointed).
+The loop never calls ``optimizer.step()`` itself. Each step goes through :func:`epi_mini.strategy.sft_step`,
+which calls ``strategy.step(optimizer)``: plain SFT just steps; the isolation methods step and put the
+isolated entries back. The other hooks of :class:`~epi_mini.strategy.UpdateStrategy` (``begin_stage``,
+``end_stage``, ``summary``, ``state_dict``) are called at stage boundaries, at the end and at checkpoints.
 
 Robustness: a step whose loss or gradient is not finite is skipped (weights, optimizer and importance state
 untouched) and counted; more than ``max_bad_steps`` in a row stops the run with :class:`TrainingDiverged`.
 With a ``checkpoint_dir``, the full state is saved atomically every ``checkpoint_every`` steps, and
 ``resume=True`` continues from it to the same final record (batches are a pure function of seed and step).
 """
-import math
-import random
 import time
 
 import torch
@@ -24,22 +22,16 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import MixtureStream, make_schedule
 from .evaluate import evaluate, load_eval_sets
+from .methods import METHODS, build_strategy
 from .metrics import accuracy_matrix, summarize
 from .model import GPT, GPTConfig
+from .strategy import sft_step
 from .tasks import BUILTIN_TASKS, tasks_from_jsonl
 from .tokenizer import get_tokenizer
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class PlainUpdate:
-    """Plain SFT: every parameter is updated by the optimizer."""
-
-    def step(self, optimizer):
-        optimizer.step()
-        return True
 
 
 def pick_device(requested="auto") -> torch.device:
@@ -74,7 +66,7 @@ class Run:
             if unknown:
                 raise ValueError(f"invalid tasks: unknown task(s) {unknown}; known: {sorted(self.tasks)}")
         self.schedule = make_schedule(cfg.schedule, cfg.steps_per_stage, task_names, cfg.replay)
-        if cfg.method == "multistage":
+        if not METHODS[cfg.method].replay:
             self.schedule = self.schedule.without_replay()
         self.task_names = self.schedule.tasks
         self.eval_sets = load_eval_sets({t: self.tasks[t] for t in self.task_names}, cfg.eval_size)
@@ -99,6 +91,10 @@ class Run:
     def loss_on(self, batch):
         _, loss = self.forward_model(batch.x.to(self.device), batch.y.to(self.device), batch.loss_mask.to(self.device))
         return loss
+
+    def make_strategy(self):
+        """The update strategy of ``cfg.method`` (see :mod:`epi_mini.methods`)."""
+        return build_strategy(self)
 
 
 def lr_at(cfg, step):
@@ -126,13 +122,12 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
         on_step=None, log_interval=10) -> dict:
     """Train ``run`` through its whole schedule and return the record; ``run.model`` holds the result.
 
-    ``strategy``: an update strategy (default: built from ``run.cfg.method`` by
-    :func:`epi_mini.methods.build_strategy`). ``on_step(step, run, strategy)`` is called after every
-    optimizer step (e.g. to snapshot importance scores in a notebook).
+    ``strategy``: an :class:`~epi_mini.strategy.UpdateStrategy` (default: ``run.make_strategy()``, the one
+    ``run.cfg.method`` names). ``on_step(step, run, strategy)`` is called after every optimizer step (e.g. to
+    snapshot importance scores in a notebook).
     """
-    from .methods import build_strategy  # methods builds on this module
     cfg = run.cfg
-    strategy = build_strategy(run) if strategy is None else strategy
+    strategy = run.make_strategy() if strategy is None else strategy
     run.strategy = strategy
     record, start, bad_in_a_row, running = new_record(run), 0, 0, []
     if resume and checkpoint_dir is not None:
@@ -140,8 +135,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
         if state is not None:
             run.model.load_state_dict(state["model"])
             run.optimizer.load_state_dict(state["optimizer"])
-            if hasattr(strategy, "load_state_dict"):
-                strategy.load_state_dict(state["strategy"])
+            strategy.load_state_dict(state["strategy"])
             record, start, bad_in_a_row = state["record"], state["step"], state["bad_in_a_row"]
             running = state["running_losses"]
             torch.set_rng_state(state["torch_rng"])
@@ -155,18 +149,15 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     t0 = time.perf_counter()
     for step in range(start, total):
         stage = run.schedule.stage_index(step)
-        if hasattr(strategy, "begin_stage") and (step == 0 or step in boundaries):
+        if step == 0 or step in boundaries:
             strategy.begin_stage(stage)
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
-        loss = run.loss_on(run.batch(step))
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
-        if math.isfinite(loss.item()) and math.isfinite(norm.item()):
+        loss = sft_step(run.loss_on, run.batch(step), run.model.parameters(), run.optimizer, strategy, cfg.grad_clip)
+        if loss is not None:
             bad_in_a_row = 0
-            strategy.step(run.optimizer)
-            running.append(loss.item())
-        else:  # skip: weights, optimizer moments and importance scores stay as they were
+            running.append(loss)
+        else:  # skipped: weights, optimizer moments and importance scores stayed as they were
             record["bad_steps"] += 1
             bad_in_a_row += 1
             if bad_in_a_row > cfg.max_bad_steps:
@@ -174,7 +165,6 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
                     f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at step {step}, "
                     f"learning_rate={cfg.learning_rate}); the weights were left at their last finite values. "
                     "Lower --learning-rate or raise --max-bad-steps.")
-        run.optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step, run, strategy)
         done = step + 1
@@ -190,8 +180,8 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
                 record["eval_curve"]["scores"][t].append(scores[t])
             if stage_end:
                 record["stage_scores"].append(scores)
-                frac = strategy.isolated_fraction() if hasattr(strategy, "isolated_fraction") else 0.0
-                record["isolated_fraction"].append(frac)
+                record["isolated_fraction"].append(strategy.isolated_fraction())
+                strategy.end_stage(stage)
         if bar is not None:
             bar.update(1)
             if done % log_interval == 0 and record["loss_curve"]["loss"]:
@@ -201,7 +191,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
             save_checkpoint(checkpoint_dir, {
                 "config": cfg.to_dict(), "step": done, "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
-                "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else None,
+                "strategy": strategy.state_dict(),
                 "record": record, "bad_in_a_row": bad_in_a_row, "running_losses": running,
                 "torch_rng": torch.get_rng_state()})
     if bar is not None:
@@ -210,8 +200,9 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     R = accuracy_matrix(record["stage_scores"], run.task_names)
     record["accuracy_matrix"] = R.tolist()
     record["metrics"] = summarize(R, record["first_stage"])
-    if hasattr(strategy, "summary"):
-        record["strategy"] = strategy.summary()
+    summary = strategy.summary()
+    if summary:  # plain SFT has nothing to add
+        record["strategy"] = summary
     record["timing"] = {"device": str(run.device), "seconds": elapsed,
                         "steps_per_second": (total - start) / elapsed if elapsed > 0 else None,
                         "resumed_at_step": start}

@@ -1,5 +1,5 @@
-"""Tests of Evolving Parameter Isolation and the static baselines (epi_mini/epi.py).
-Run: python -m pytest tests/test_epi.py -q
+"""Tests of Evolving Parameter Isolation (epi_mini/epi.py), the static baseline (epi_mini/baselines.py) and
+the drift tools (epi_mini/drift.py). Run: python -m pytest tests/test_epi.py -q
 
 The module must work on any nn.Module with any element-wise torch optimizer, so most tests use a small
 MLP, not the project's GPT."""
@@ -9,8 +9,10 @@ import warnings
 import pytest
 import torch
 
-from epi_mini.epi import (EvolvingIsolation, StaticIsolation, core_region, group_by_overlap, jaccard,
-                          layer_share, normalize, rank_correlation, top_fraction)
+from epi_mini.adaptive import AdaptiveIsolation
+from epi_mini.baselines import StaticIsolation, core_region, group_by_overlap
+from epi_mini.drift import jaccard, layer_share, rank_correlation
+from epi_mini.epi import EvolvingIsolation, normalize, top_fraction
 
 OPTIMIZERS = {
     "adamw_wd": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.5),
@@ -110,7 +112,7 @@ def test_once_refreshes_exactly_once_and_auto_refreshes_on_drift():
 
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    auto = EvolvingIsolation(model, isolation_ratio=0.2, mask_interval="auto", warmup_steps=3, ema_beta=0.5,
+    auto = AdaptiveIsolation(model, isolation_ratio=0.2, mask_interval="auto", warmup_steps=3, ema_beta=0.5,
                              drift_threshold=0.3)
     auto.auto_check_every = 1
     for step in range(40):
@@ -120,14 +122,16 @@ def test_once_refreshes_exactly_once_and_auto_refreshes_on_drift():
     assert steps[0] == 4 and len(steps) >= 2 and max(steps) > 20
     assert 0.0 <= auto.estimated_drift() <= 1.0
     with pytest.raises(ValueError, match="affine"):
-        EvolvingIsolation(mlp(), mask_interval="auto", normalizer="rank")
+        AdaptiveIsolation(mlp(), mask_interval="auto", normalizer="rank")
+    with pytest.raises(ValueError, match="AdaptiveIsolation"):  # "auto" is the adaptive class's, and says so
+        EvolvingIsolation(mlp(), mask_interval="auto")
 
 
 def test_resume_from_state_dict_is_bit_identical():
     def run(split):
         model = mlp()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        epi = EvolvingIsolation(model, isolation_ratio=0.25, mask_interval="auto", warmup_steps=2,
+        epi = AdaptiveIsolation(model, isolation_ratio=0.25, mask_interval="auto", warmup_steps=2,
                                 ema_beta=0.8, drift_threshold=0.05)
         for step in range(20):
             if step == split:  # rebuild everything from saved state, as a resumed process would
@@ -136,7 +140,7 @@ def test_resume_from_state_dict_is_bit_identical():
                 model.load_state_dict(state[0])
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
                 opt.load_state_dict(state[1])
-                epi = EvolvingIsolation(model, isolation_ratio=0.25, mask_interval="auto", warmup_steps=2,
+                epi = AdaptiveIsolation(model, isolation_ratio=0.25, mask_interval="auto", warmup_steps=2,
                                         ema_beta=0.8, drift_threshold=0.05)
                 epi.load_state_dict(state[2])
             backward(model, step)
@@ -183,14 +187,14 @@ def test_parameters_without_gradients_are_handled():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(isolation_ratio=1.0), "isolation_ratio must be in \\[0, 1\\)"),
-    (dict(isolation_ratio=-0.1), "isolation_ratio"),
-    (dict(mask_interval=0), "mask_interval must be an integer >= 1"),
-    (dict(mask_interval=2.5), "mask_interval"),
-    (dict(ema_beta=1.0), "ema_beta must be in \\[0, 1\\)"),
-    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
-    (dict(normalizer="median"), "normalizer must be one of"),
-    (dict(importance="magic"), "importance must be one of"),
+    (dict(isolation_ratio=1.0), "invalid isolation_ratio=1.0: must be in \\[0, 1\\)"),
+    (dict(isolation_ratio=-0.1), "isolation_ratio=-0.1"),
+    (dict(mask_interval=0), "invalid mask_interval=0: must be an integer >= 1"),
+    (dict(mask_interval=2.5), "mask_interval=2.5"),
+    (dict(ema_beta=1.0), "invalid ema_beta=1.0: must be in \\[0, 1\\)"),
+    (dict(warmup_steps=-1), "invalid warmup_steps=-1: must be an integer >= 0"),
+    (dict(normalizer="median"), "invalid normalizer='median': must be one of"),
+    (dict(importance="magic"), "invalid importance='magic': must be one of"),
     (dict(ema_dtype=torch.bfloat16, ema_beta=0.999), "bf16"),
     (dict(mask_storage="dense"), "mask_storage"),
 ])

@@ -2,7 +2,6 @@
 Run: python -m pytest tests/test_robustness.py -q"""
 import json
 import os
-import pickle
 import random
 import signal
 import subprocess

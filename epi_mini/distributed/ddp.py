@@ -1,0 +1,155 @@
+"""Data-parallel EPI (DDP): one process per device, each on its slice of every global batch.
+
+Every rank holds the whole model. Rank ``r`` trains on ``examples[r::N]`` of each
+global batch (:meth:`MixtureStream.batch`) and DistributedDataParallel averages the gradients, so every
+rank sees the same gradient, updates its EMA the same way and selects the same isolated set: EPI itself
+runs unchanged on every rank. Two details make the run equal to a single process on the same global batch:
+
+* the loss is normalised by the *global* number of response tokens (:meth:`DistributedRun.loss_on`): a
+  per-rank mean would weight a rank with few response tokens as much as one with many;
+* the loss value the loop sees is the global mean, identical on every rank, so every rank takes the same
+  decision about skipping a non-finite step (a rank that skipped alone would deadlock or diverge).
+
+``--check-sync`` verifies the claim "identical on every rank" at every refresh with a cheap checksum
+all-reduce (:class:`SyncCheckedIsolation`) and stops with a clear error if it fails.
+"""
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..methods import EPIUpdate, epi_options
+from ..strategy import PlainUpdate
+from ..train import Run, pick_device
+from .comm import _all_reduce, assert_same_on_all_ranks
+from .sharded import ShardedEvolvingIsolation, ShardedOptimizer, ShardedUpdate
+
+
+def isolation_checksum(strategy):
+    """A few floats that summarise an :class:`EvolvingIsolation`'s state: cheap to all-reduce, and different
+    (with overwhelming probability) when the scores, the isolated set or the weights differ."""
+    isolated_count, index_hash = 0, 0
+    for i, mask in enumerate(strategy.isolated.values()):
+        idx = mask.view(-1).nonzero().squeeze(1)
+        isolated_count += idx.numel()
+        # A multiplicative mix of (position, tensor number), kept below 2**31 so that the sum over up to
+        # 2**22 tensors stays an exact integer in float64.
+        index_hash += int(((idx * 1_000_003 + i) % 2_147_483_647).sum()) % 2_147_483_647
+    return {"importance sum": float(sum(s.double().sum() for s in strategy.scores.values())),
+            "parameter sum": float(sum(p.detach().double().sum() for p in strategy.params.values())),
+            "isolated count": float(isolated_count), "isolated index hash": float(index_hash)}
+
+
+class SyncCheckedIsolation(EPIUpdate):
+    """EPI on a DDP replica that checks, at every refresh, that all ranks hold the same state (debug mode:
+    one all-reduce of 8 floats per refresh)."""
+
+    def __init__(self, params, group=None, **options):
+        super().__init__(params, **options)
+        self.group = group
+
+    @torch.no_grad()
+    def refresh(self):
+        super().refresh()
+        assert_same_on_all_ranks(isolation_checksum(self), f"EPI refresh at step {self.num_steps}", self.group)
+
+
+class _GlobalLossValue(torch.autograd.Function):
+    """Forward: the global mean loss (the same value on every rank). Backward: the gradient flows to this
+    rank's share of the loss, as if the share itself had been returned.
+
+    The loop uses the loss *value* to log it and to decide whether a step is finite; both must be the
+    global, rank-independent value. The *gradient* must be that of this rank's share, for DDP to sum.
+    """
+
+    @staticmethod
+    def forward(ctx, share, global_mean):
+        return global_mean.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class DistributedRun(Run):
+    """A :class:`~epi_mini.train.Run` for one rank of a process group (call :func:`init_distributed` first).
+
+    The model is built as usual (same seed: same initial weights on every rank; DDP also broadcasts rank 0's
+    weights) and wrapped in DDP as ``forward_model``; rank 0 alone writes outputs. With ``shard=True`` the
+    optimizer becomes a :class:`ShardedOptimizer` over this rank's slices. ``fit(run, run.make_strategy())``
+    trains it.
+    """
+
+    def __init__(self, cfg, shard=False, check_sync=False, group=None):
+        if not dist.is_initialized():
+            raise RuntimeError("no process group: call epi_mini.distributed.init_distributed() first, under "
+                               "torchrun --nproc_per_node=N -m epi_mini.distributed")
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        if cfg.batch_size < world_size:
+            raise ValueError(f"invalid batch_size={cfg.batch_size}: must be >= the number of processes "
+                             f"({world_size}), each rank trains on its slice of every batch")
+        device = pick_device(cfg.device)
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if device.type == "cuda":
+            if device.index is not None and world_size > 1:
+                raise ValueError(f"invalid device={cfg.device!r} under torchrun: each rank uses cuda:LOCAL_RANK; "
+                                 "pass --device cuda or auto")
+            torch.cuda.set_device(local_rank)  # torch.device("cuda") now means this rank's GPU
+        elif device.type != "cpu":
+            raise ValueError(f"device {device.type!r} has no torch.distributed backend; use --device cpu or cuda")
+        super().__init__(cfg)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.group, self.sharded, self.check_sync = group, shard, check_sync
+        self.forward_model = DistributedDataParallel(
+            self.model, device_ids=[local_rank] if self.device.type == "cuda" else None, process_group=group)
+        if shard:
+            self.optimizer = ShardedOptimizer(self.model, self.optimizer, rank, world_size, group)
+
+    def loss_on(self, batch):
+        """This rank's share of the global-batch loss: DDP averages gradients over R ranks, so a rank's
+        loss must be ``R * (sum of its masked token losses) / (response tokens of the whole global batch)``
+        for the average to be the single-process gradient of the global mean. One all-reduce of two float64.
+        """
+        x, y, mask = (t.to(self.device) for t in (batch.x, batch.y, batch.loss_mask))
+        _, local_mean = self.forward_model(x, y, mask)
+        local_count = mask.sum()
+        local_sum = local_mean * local_count.clamp(min=1.0)  # forward returned sum / max(count, 1)
+        totals = _all_reduce(torch.stack([local_sum.detach(), local_count]).double(), group=self.group)
+        global_count = totals[1].clamp(min=1.0)
+        share = local_sum * (self.world_size / global_count).to(local_sum.dtype)
+        return _GlobalLossValue.apply(share, (totals[0] / global_count).to(local_sum.dtype))
+
+    def make_strategy(self):
+        """The update strategy of ``cfg.method`` for this rank (:func:`epi_mini.methods.build_strategy` when
+        nothing distributed is needed)."""
+        cfg, is_epi = self.cfg, self.cfg.method in ("epi", "static-epi")
+        if self.sharded:
+            if cfg.method == "static":
+                raise ValueError("method 'static' (CPI-FT) is not supported with --shard: its probe fine-tunes "
+                                 "train whole-model copies; run it without --shard")
+            inner = ShardedEvolvingIsolation(list(self.optimizer.shards.items()), self.group, **epi_options(cfg)) \
+                if is_epi else PlainUpdate()
+            return ShardedUpdate(inner, self.optimizer, self.check_sync)
+        if is_epi and self.check_sync:
+            return SyncCheckedIsolation(self.model, self.group, **epi_options(cfg))
+        return super().make_strategy()
+
+
+def init_distributed(backend="auto", device="auto", timeout_s=600):
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT, LOCAL_RANK). ``backend="auto"``: NCCL when ``device`` resolves to CUDA, else gloo.
+    Returns ``(rank, world_size)``."""
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"environment variables {missing} are not set: launch with "
+                           "torchrun --standalone --nproc_per_node=N -m epi_mini.distributed ...")
+    if backend == "auto":
+        backend = "nccl" if pick_device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
