@@ -8,7 +8,8 @@ exceeds ``drift_threshold``. Everything else is :class:`~epi_mini.epi.EvolvingIs
 """
 import torch
 
-from .epi import EvolvingIsolation, _affine_stats, indices_to_masks
+from .epi import EvolvingIsolation, _affine_stats
+from .isolation import indices_to_masks
 
 
 class AdaptiveIsolation(EvolvingIsolation):

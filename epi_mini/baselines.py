@@ -12,7 +12,8 @@ import copy
 import torch
 
 from .drift import jaccard
-from .epi import MaskedUpdate, indices_to_masks, top_fraction
+from .epi import top_fraction
+from .isolation import MaskedUpdate, indices_to_masks
 from .strategy import PlainUpdate, UpdateStrategy, sft_step
 
 
@@ -21,7 +22,8 @@ class StaticIsolation(MaskedUpdate):
     finished its pipeline stage; nothing is ever released.
 
     Warning (as for PackNet): the optimizer's momentum of a frozen entry keeps evolving; the entry does not
-    move only because every step is masked. Stepping the optimizer outside :meth:`step` would move it.
+    move only because every step is masked. Stepping the optimizer outside :meth:`~epi_mini.isolation.MaskedUpdate.step`
+    (without :meth:`~epi_mini.isolation.MaskedUpdate.attach`) would move it.
     """
 
     def __init__(self, params, isolated=None, mask_storage="index"):
@@ -34,10 +36,6 @@ class StaticIsolation(MaskedUpdate):
         current = self.isolated
         merged = {n: (current[n] | mask[n].to(current[n].device)) if n in mask else current[n] for n in current}
         self._set_isolated({n: m.view(-1).nonzero().squeeze(1).to(torch.int32) for n, m in merged.items()})
-
-    def step(self, optimizer):
-        self.masked_step(optimizer)
-        return True
 
 
 def core_region(before, after, ratio):

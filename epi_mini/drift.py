@@ -12,7 +12,8 @@ import re
 
 import torch
 
-from .epi import EPS, indices_to_masks, overlap_counts, top_fraction
+from .epi import EPS, top_fraction
+from .isolation import indices_to_masks, overlap_counts
 
 
 def jaccard(a, b):

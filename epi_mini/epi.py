@@ -10,21 +10,20 @@ EPI (Xue, Liang et al., 2026, arXiv 2604.14010) protects the parameters that cur
 4. isolation = no update: isolated entries are left exactly at their pre-step values.
 
 Step 4 masks the optimizer's *final* delta, not the gradient: AdamW still moves a zero-gradient weight
-through its momentum and its decoupled weight decay (Avalanche's PackNet warns of the same). So
-:meth:`MaskedUpdate.masked_step` saves the isolated entries, runs ``optimizer.step()`` and writes them back.
-The moments of isolated entries keep updating (neither frozen nor reset), so an entry released at a refresh
-resumes with its momentum. For element-wise optimizers (SGD, Adam, AdamW, ...) this is exact: every other
-entry moves exactly as the plain optimizer moves it.
+through its momentum and its decoupled weight decay. The mechanism -- save the isolated entries, let the
+optimizer step, write them back -- is :class:`~epi_mini.isolation.MaskedUpdate`, which CPI-FT's static mask
+shares; this module decides *which* entries it holds, and when that changes.
 
-This module is the method and nothing else; it imports only torch (and :mod:`epi_mini.compact`, the packed
-storage of the compact mode). The static baseline (CPI-FT) is in :mod:`epi_mini.baselines`, the tools that
-measure drift in :mod:`epi_mini.drift`.
+This module is the method and nothing else; it imports only torch and the project's isolation mechanism.
+The static baseline (CPI-FT) is in :mod:`epi_mini.baselines`, the tools that measure drift in
+:mod:`epi_mini.drift`.
 """
 import warnings
 
 import torch
 
-from .compact import pack_bits, unpack_bits
+from .inputs import check_gradient
+from .isolation import MaskedUpdate, overlap_counts
 
 EPS = 1e-12
 
@@ -91,25 +90,6 @@ def top_fraction(scores, ratio, normalizer="mean"):
     return {name: c.nonzero().squeeze(1).to(torch.int32) for name, c in zip(scores, chosen.split(sizes))}
 
 
-def indices_to_masks(indices, like):
-    """name -> flat indices to name -> bool mask shaped like ``like[name]`` (a tensor); names absent from
-    ``indices`` get an all-False mask."""
-    out = {}
-    for n, t in like.items():
-        mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-        if n in indices:
-            mask[indices[n].long()] = True
-        out[n] = mask.view(t.shape)
-    return out
-
-
-def overlap_counts(previous, current):
-    """(|A and B|, |A or B|) of two isolated sets given as name -> sorted flat indices."""
-    inter = sum(int(torch.isin(current[n], previous[n]).sum()) for n in current if n in previous)
-    size = sum(int(i.numel()) for i in previous.values()) + sum(int(i.numel()) for i in current.values())
-    return inter, size - inter
-
-
 # --- argument checks, shared with epi_mini.config (which checks the same options on the command line) ------
 def check_options(isolation_ratio=0.1, mask_interval=20, ema_beta=0.99, warmup_steps=100, normalizer="mean",
                   importance="squared_gradient"):
@@ -132,86 +112,9 @@ def check_options(isolation_ratio=0.1, mask_interval=20, ema_beta=0.99, warmup_s
                          "normalizer; use 'mean', 'max' or 'zscore'")
 
 
-# --- 4. the masked step: an isolated set and optimizer steps that leave it untouched ------------------------
-class MaskedUpdate:
-    """Holds an isolated set (name -> flat indices) and runs optimizer steps that leave it exactly unchanged.
-
-    ``params``: an ``nn.Module`` or ``(name, parameter)`` pairs; parameters that do not require gradients
-    are not managed. Warning (as for PackNet): the optimizer's momentum of an isolated entry keeps evolving;
-    the entry does not move only because every step goes through :meth:`masked_step`.
-    """
-
-    def __init__(self, params, mask_storage="index"):
-        named = params.named_parameters() if isinstance(params, torch.nn.Module) else params
-        self.params = {n: p for n, p in named if p.requires_grad}
-        if not self.params:
-            raise ValueError("no trainable parameters given")
-        if mask_storage not in ("index", "bits"):
-            raise ValueError(f"invalid mask_storage={mask_storage!r}: must be 'index' or 'bits'")
-        self.mask_storage = mask_storage
-        self._stored = {}  # name -> int32 indices ("index") or packed uint8 bits ("bits"); absent = none
-
-    def _tensor(self, name):
-        """The tensor whose entries are isolated (a sharded subclass returns this process's shard)."""
-        return self.params[name]
-
-    def _grad(self, name):
-        """The gradient of :meth:`_tensor` (None if the parameter got none this step)."""
-        return self.params[name].grad
-
-    def _set_isolated(self, indices):
-        self._stored = {}
-        for n, idx in indices.items():
-            if idx.numel() == 0:
-                continue
-            self._stored[n] = idx if self.mask_storage == "index" else pack_bits(idx, self._tensor(n).numel())
-
-    def _indices(self, name):
-        stored = self._stored[name]
-        return stored if self.mask_storage == "index" else unpack_bits(stored, self._tensor(name).numel())
-
-    def isolated_indices(self):
-        """name -> sorted int32 flat indices of the isolated entries (tensors with none are absent)."""
-        return {n: self._indices(n) for n in self._stored}
-
-    @property
-    def isolated(self):
-        """name -> bool tensor shaped like the parameter; True = left unchanged by the next step."""
-        return indices_to_masks(self.isolated_indices(), {n: self._tensor(n) for n in self.params})
-
-    def _reduce_counts(self, *counts):
-        """Sums of a few integers over every process that holds a part of the state (here: just this one)."""
-        return list(counts)
-
-    def isolated_fraction(self):
-        isolated = sum(int(self._indices(n).numel()) for n in self._stored)
-        isolated, total = self._reduce_counts(isolated, sum(self._tensor(n).numel() for n in self.params))
-        return isolated / total
-
-    @torch.no_grad()
-    def masked_step(self, optimizer):
-        # Save only the isolated entries (rho * N values, not a full copy), step, write them back.
-        saved = [(p, idx, p.view(-1).index_select(0, idx)) for p, idx in
-                 ((self._tensor(n), self._indices(n)) for n in self._stored)]
-        optimizer.step()
-        for p, idx, values in saved:
-            p.view(-1).index_put_((idx,), values)
-
-    def state_dict(self):
-        return {"mask_storage": self.mask_storage, "stored": {n: t.clone() for n, t in self._stored.items()}}
-
-    def load_state_dict(self, state):
-        if state["mask_storage"] != self.mask_storage:
-            raise ValueError(f"state has mask_storage={state['mask_storage']!r}, this object {self.mask_storage!r}")
-        unknown = set(state["stored"]) - set(self.params)
-        if unknown:
-            raise ValueError(f"state names parameters this model lacks: {sorted(unknown)[:5]}")
-        self._stored = {n: t.to(self._tensor(n).device) for n, t in state["stored"].items()}
-
-
 # --- EPI: the four steps together ------------------------------------------------------------------------------
 class EvolvingIsolation(MaskedUpdate):
-    """EPI as an update rule: ``isolation.step(optimizer)`` in place of ``optimizer.step()``.
+    """EPI: ``isolation.step(optimizer)`` in place of ``optimizer.step()``, or ``isolation.attach(optimizer)``.
 
     Arguments: ``isolation_ratio`` rho in [0, 1); ``mask_interval`` K >= 1 steps between refreshes, or
     ``"once"`` (refresh once after warm-up, then never: the static-EPI-score control; for ``"auto"``, refresh
@@ -220,7 +123,8 @@ class EvolvingIsolation(MaskedUpdate):
     :data:`NORMALIZERS`; ``importance`` a name in :data:`IMPORTANCE_SCORES` or any ``f(param, grad) -> score``.
 
     A gradient with a NaN or inf skips the whole step (no importance update, no optimizer step) with a
-    warning; ``skipped_steps`` grows and ``step`` returns False. No NaN ever reaches the scores.
+    warning; ``skipped_steps`` grows and ``step`` returns False. No NaN ever reaches the scores. (A step that
+    a ``GradScaler`` skips never reaches the optimizer, so it never reaches EPI either.)
     """
 
     def __init__(self, params, isolation_ratio=0.1, mask_interval=20, ema_beta=0.99, warmup_steps=100,
@@ -236,7 +140,9 @@ class EvolvingIsolation(MaskedUpdate):
         self.isolation_ratio, self.mask_interval, self.ema_beta = isolation_ratio, mask_interval, ema_beta
         self.warmup_steps, self.normalizer = warmup_steps, normalizer
         self.importance = IMPORTANCE_SCORES[importance] if isinstance(importance, str) else importance
-        self.scores = {n: torch.zeros_like(self._tensor(n), dtype=ema_dtype) for n in self.params}  # the EMA
+        # The EMA, one value per entry, in row-major order whatever the parameter's memory layout.
+        self.scores = {n: torch.zeros(self._tensor(n).shape, dtype=ema_dtype, device=self._tensor(n).device)
+                       for n in self.params}
         self.num_steps, self.skipped_steps, self.history = 0, 0, []
 
     def _due(self):
@@ -247,9 +153,11 @@ class EvolvingIsolation(MaskedUpdate):
         return not self.history if self.mask_interval == "once" else (t - 1) % self.mask_interval == 0
 
     @torch.no_grad()
-    def step(self, optimizer):
-        """EMA update, refresh if due, optimizer step with the isolated entries left exactly unchanged."""
+    def _observe(self):
+        """Steps 1 and 3: the EMA update with this step's gradients, then a refresh if one is due."""
         grads = [(n, g) for n, g in ((n, self._grad(n)) for n in self.params) if g is not None]
+        for n, g in grads:
+            check_gradient(n, g)
         if grads and not torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in grads]))).all():
             self.skipped_steps += 1
             warnings.warn(f"EvolvingIsolation: non-finite gradient at step {self.num_steps + 1}; step skipped "
@@ -266,7 +174,6 @@ class EvolvingIsolation(MaskedUpdate):
         self.num_steps += 1
         if self._due():
             self.refresh()
-        self.masked_step(optimizer)
         return True
 
     def select(self):
@@ -301,11 +208,12 @@ class EvolvingIsolation(MaskedUpdate):
                 "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state):
-        if set(state["scores"]) != set(self.params):
-            raise ValueError("importance state does not match these parameters: "
-                             f"{sorted(set(state['scores']) ^ set(self.params))[:5]}")
+        scores = self._by_our_names(state["scores"])
+        if set(scores) != set(self.params):
+            raise ValueError("the saved state does not match these parameters: "
+                             f"{sorted(set(scores) ^ set(self.params))[:5]}")
         super().load_state_dict(state)
-        for n, s in state["scores"].items():
+        for n, s in scores.items():
             if s.shape != self.scores[n].shape or s.dtype != self.scores[n].dtype:
                 raise ValueError(f"importance of {n!r}: saved {tuple(s.shape)} {s.dtype}, "
                                  f"expected {tuple(self.scores[n].shape)} {self.scores[n].dtype}")

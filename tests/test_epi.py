@@ -152,7 +152,7 @@ def test_resume_from_state_dict_is_bit_identical():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert all(torch.equal(ea.scores[n], eb.scores[n]) for n in ea.scores)
     assert ea.history == eb.history
-    with pytest.raises(ValueError, match="importance state does not match"):
+    with pytest.raises(ValueError, match="saved state does not match these parameters"):
         EvolvingIsolation(torch.nn.Linear(2, 2)).load_state_dict(ea.state_dict())
 
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "epi_mini"
 
 LAYERS = [
     "model", "tokenizer", "tasks", "data", "evaluate", "metrics",        # the lab: model, data, scores
-    "compact", "epi", "adaptive", "drift",                                # the method and its measurements
+    "compact", "inputs", "isolation", "epi", "adaptive", "drift",         # the method and its measurements
     "strategy", "baselines", "methods",                                   # update strategies, by name
     "config", "checkpoint", "plots", "train", "runner",                   # the training loop and its runs
     "experiments", "course", "cli",                                       # protocols, notebooks, command line

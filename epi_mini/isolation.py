@@ -1,0 +1,184 @@
+"""The mechanism EPI and CPI-FT share: an isolated set, and optimizer steps that leave it exactly unchanged.
+
+"Isolated" means *not updated at all*. Zeroing a gradient is not enough: AdamW still moves a zero-gradient
+weight through its momentum and its decoupled weight decay (Avalanche's PackNet warns of the same). So the
+masked step saves the isolated entries, lets the optimizer take its whole step, and writes them back. The
+moments of isolated entries keep updating (neither frozen nor reset), so an entry released later resumes
+with its momentum. For element-wise optimizers (SGD, Adam, AdamW, ...) this is exact: every other entry
+moves exactly as the plain optimizer moves it.
+
+:class:`MaskedUpdate` holds the set; which entries it holds is decided elsewhere: by EPI's importance,
+refreshed during training (:mod:`epi_mini.epi`), or once by CPI-FT's probes (:mod:`epi_mini.baselines`).
+"""
+import warnings
+
+import torch
+
+from .compact import pack_bits, unpack_bits
+from .inputs import canonical_name, check_optimizer, named_trainable
+
+
+def indices_to_masks(indices, like):
+    """name -> flat indices to name -> bool mask shaped like ``like[name]`` (a tensor); names absent from
+    ``indices`` get an all-False mask."""
+    out = {}
+    for n, t in like.items():
+        mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+        if n in indices:
+            mask[indices[n].long()] = True
+        out[n] = mask.view(t.shape)
+    return out
+
+
+def overlap_counts(previous, current):
+    """(|A and B|, |A or B|) of two isolated sets given as name -> sorted flat indices."""
+    inter = sum(int(torch.isin(current[n], previous[n]).sum()) for n in current if n in previous)
+    size = sum(int(i.numel()) for i in previous.values()) + sum(int(i.numel()) for i in current.values())
+    return inter, size - inter
+
+
+class MaskedUpdate:
+    """Holds an isolated set (name -> flat indices) and makes optimizer steps leave it exactly unchanged.
+
+    ``params``: an ``nn.Module``, ``(name, parameter)`` pairs or parameters (see :mod:`epi_mini.inputs`).
+    Two ways to use it, one implementation: ``isolation.step(optimizer)`` in place of ``optimizer.step()``,
+    or ``isolation.attach(optimizer)`` once (or ``with isolation.attach(optimizer):``), after which every
+    ``optimizer.step()`` -- from your loop, ``scaler.step(optimizer)``, a Trainer, a closure -- is masked by
+    the optimizer's own step hooks. Warning (as for PackNet): the optimizer's momentum of an isolated entry
+    keeps evolving; the entry does not move only because every step is masked. Attach before you step.
+    """
+
+    def __init__(self, params, mask_storage="index"):
+        self.params, self._frozen = named_trainable(params)
+        if mask_storage not in ("index", "bits"):
+            raise ValueError(f"invalid mask_storage={mask_storage!r}: must be 'index' or 'bits'")
+        self.mask_storage = mask_storage
+        self._stored = {}  # name -> int32 indices ("index") or packed uint8 bits ("bits"); absent = none
+        self._hooks, self._saved, self._checked = [], None, None
+
+    def _tensor(self, name):
+        """The tensor whose entries are isolated (a sharded subclass returns this process's shard)."""
+        return self.params[name]
+
+    def _grad(self, name):
+        """The gradient of :meth:`_tensor` (None if the parameter got none this step)."""
+        return self.params[name].grad
+
+    def _set_isolated(self, indices):
+        self._stored = {}
+        for n, idx in indices.items():
+            if idx.numel() == 0:
+                continue
+            self._stored[n] = idx if self.mask_storage == "index" else pack_bits(idx, self._tensor(n).numel())
+
+    def _indices(self, name):
+        stored = self._stored[name]
+        return stored if self.mask_storage == "index" else unpack_bits(stored, self._tensor(name).numel())
+
+    def isolated_indices(self):
+        """name -> sorted int32 flat indices of the isolated entries (tensors with none are absent)."""
+        return {n: self._indices(n) for n in self._stored}
+
+    @property
+    def isolated(self):
+        """name -> bool tensor shaped like the parameter; True = left unchanged by the next step."""
+        return indices_to_masks(self.isolated_indices(), {n: self._tensor(n) for n in self.params})
+
+    def _reduce_counts(self, *counts):
+        """Sums of a few integers over every process that holds a part of the state (here: just this one)."""
+        return list(counts)
+
+    def isolated_fraction(self):
+        isolated = sum(int(self._indices(n).numel()) for n in self._stored)
+        isolated, total = self._reduce_counts(isolated, sum(self._tensor(n).numel() for n in self.params))
+        return isolated / total
+
+    # The masked step, as optimizer step hooks: save the isolated entries (rho * N values, not a full copy)
+    # before the optimizer moves anything, write them back after. take/put_ index the logical (row-major)
+    # order of any memory layout (channels_last, non-contiguous views), and need no flat view of the tensor.
+    def step(self, optimizer, closure=None):
+        """``optimizer.step(closure)`` with the isolated entries left exactly unchanged; False if skipped."""
+        with self.attach(optimizer):
+            optimizer.step() if closure is None else optimizer.step(closure)
+        return self._taken
+
+    def attach(self, optimizer):
+        """Mask every ``optimizer.step()`` from now on (until :meth:`detach`, or the end of a ``with`` block)."""
+        if self._hooks:
+            raise RuntimeError("this isolation is already attached to an optimizer: call optimizer.step(), which is "
+                               "masked, not isolation.step(optimizer); or detach() first")
+        if self._checked != id(optimizer):
+            check_optimizer(self.params, optimizer)
+            self._checked = id(optimizer)
+        self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
+                       optimizer.register_step_post_hook(lambda *_: self._restore())]
+        return self
+
+    def detach(self):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def _pre_step(self, optimizer, args, kwargs):
+        # args = (optimizer, *step's positional arguments): a closure, if any, is args[1] or kwargs["closure"]
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            return self._save(optimizer)
+
+        def first_evaluation_saves():  # the gradients exist only once the closure has run
+            loss = closure()
+            if self._saved is None:
+                self._save(optimizer)
+            return loss
+        return (args[0], first_evaluation_saves), {k: v for k, v in kwargs.items() if k != "closure"}
+
+    @torch.no_grad()
+    def _save(self, optimizer):
+        self._warn_unfrozen(optimizer)
+        self._taken = self._observe()
+        if not self._taken:  # a skipped step: with no gradients the optimizer moves nothing, moments included
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        self._saved = [(t, i, t.take(i)) for t, i in ((self._tensor(n), self._indices(n).long()) for n in self._stored)]
+
+    @torch.no_grad()
+    def _restore(self):
+        for t, i, values in self._saved or ():
+            t.put_(i, values)
+        self._saved = None
+
+    def _observe(self):
+        """What a subclass learns from this step's gradients before it is taken; False skips the step."""
+        return True
+
+    def _warn_unfrozen(self, optimizer):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) in self._frozen:
+                    warnings.warn(f"parameter {self._frozen.pop(id(p))!r} now has a gradient but did not require one "
+                                  "when the isolation was built: it is trained without isolation; build the "
+                                  "isolation after unfreezing it")
+
+    def state_dict(self):
+        return {"mask_storage": self.mask_storage, "stored": {n: t.clone() for n, t in self._stored.items()}}
+
+    def _by_our_names(self, saved):
+        """Saved name -> tensor, keyed by this object's names (``torch.compile``'s ``_orig_mod.`` ignored)."""
+        ours = {canonical_name(n): n for n in self.params}
+        unknown = sorted(n for n in saved if canonical_name(n) not in ours)
+        if unknown:
+            raise ValueError(f"the saved state does not match these parameters: it names {unknown[:5]}, which this "
+                             "model lacks (torch.compile's '_orig_mod.' prefix is ignored)")
+        return {ours[canonical_name(n)]: t for n, t in saved.items()}
+
+    def load_state_dict(self, state):
+        if state["mask_storage"] != self.mask_storage:
+            raise ValueError(f"state has mask_storage={state['mask_storage']!r}, this object {self.mask_storage!r}")
+        self._stored = {n: t.to(self._tensor(n).device) for n, t in self._by_our_names(state["stored"]).items()}
