@@ -44,10 +44,10 @@ class AdaptiveIsolation(EvolvingIsolation):
     @torch.no_grad()
     def estimated_drift(self):
         """1 - Jaccard between the current isolated set and the one a refresh would pick now, on the sample."""
-        values = []
+        values, scores = [], self.scores
         for n, idx in self._sample.items():
-            shift, scale = _affine_stats(self.normalizer, self.scores[n].float())
-            values.append((self.scores[n].view(-1)[idx].float() - shift) / scale)
+            shift, scale = _affine_stats(self.normalizer, scores[n].float())
+            values.append((scores[n].reshape(-1)[idx].float() - shift) / scale)
         values = torch.cat(values)
         k = max(1, round(self.isolation_ratio * values.numel()))
         would = values >= torch.kthvalue(values, values.numel() - k + 1).values

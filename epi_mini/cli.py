@@ -40,6 +40,15 @@ HELP = {
     "normalizer": f"layer-wise normaliser: {', '.join(NORMALIZERS)}",
     "importance": f"importance score: {', '.join(IMPORTANCE_SCORES)}",
     "probe_steps": "static (CPI-FT): steps of each task's probe fine-tune",
+    "core_ratio": "static (CPI-FT): each task's core region, as a fraction of the parameters (the paper: 0.01)",
+    "cpift_stages": "static (CPI-FT): 'grouping' (its task groups become the stages) or 'schedule' (keep the "
+                    "schedule's stages)",
+    "cpift_tau": "static (CPI-FT): core overlap (Jaccard) that puts two tasks in one group",
+    "cpift_fusion": "static (CPI-FT): transplant cores and SLERP-merge the probes before training (true/false)",
+    "ema_storage": "EPI's importance EMA: fp32 (4 bytes a parameter), bf16 (2) or int8 (1.016)",
+    "mask_storage": "EPI's isolated set: index (int32 indices, fastest) or bits (1/8 byte a parameter)",
+    "isolation_schedule": "EPI-family: one rho per stage, e.g. 0 0.1 0.1 (default: --isolation-ratio throughout)",
+    "replay_importance": "EPI variant: rank entries also by the replayed rows' own gradient EMA (true/false)",
     "tokenizer": "bytes (default, offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
     "gpt2_vocab": "folder holding GPT-2's vocab.bpe and encoder.json",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
@@ -49,6 +58,12 @@ HELP = {
 
 def _mask_interval(text):
     return text if text in ("once", "auto") else int(text)
+
+
+def _boolean(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 def build_parser():
@@ -69,11 +84,14 @@ def build_parser():
     for f in fields(TrainConfig):
         if f.name in ("seed", "preset"):
             continue
-        kind = {"tasks": str, "task_files": str, "mask_interval": _mask_interval}.get(f.name, f.type)
-        kind = {"int": int, "float": float, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
-        extra = {"nargs": "+"} if f.name in ("tasks", "task_files") else {}
+        kind = {"tasks": str, "task_files": str, "mask_interval": _mask_interval,
+                "isolation_schedule": float}.get(f.name, f.type)
+        kind = {"int": int, "float": float, "str": str, "bool": _boolean}.get(kind, kind) if isinstance(kind, str) else kind
+        extra = {"nargs": "+"} if f.name in ("tasks", "task_files", "isolation_schedule") else {}
         choices = {"method": tuple(METHODS), "schedule": SCHEDULE_NAMES, "normalizer": NORMALIZERS,
-                   "importance": tuple(IMPORTANCE_SCORES), "tokenizer": ("bytes", "gpt2")}.get(f.name)
+                   "importance": tuple(IMPORTANCE_SCORES), "tokenizer": ("bytes", "gpt2"),
+                   "cpift_stages": ("grouping", "schedule"), "ema_storage": ("fp32", "bf16", "int8"),
+                   "mask_storage": ("index", "bits")}.get(f.name)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, choices=choices,
                        help=HELP.get(f.name, f.name) + f" (cpu preset: {PRESETS['cpu'].get(f.name, f.default)!r})",
                        **extra)
@@ -105,7 +123,7 @@ def config_overrides(args):
     """The config fields given on the command line (those left out take the preset's value)."""
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if f.name not in ("seed", "preset") and getattr(args, f.name) is not None}
-    for name in ("tasks", "task_files"):
+    for name in ("tasks", "task_files", "isolation_schedule"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
     return overrides

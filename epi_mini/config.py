@@ -43,7 +43,16 @@ class TrainConfig:
     warmup_steps: int = 100
     normalizer: str = "mean"
     importance: str = "squared_gradient"
-    probe_steps: int = 100           # CPI-FT: steps of each task's probe fine-tune
+    ema_storage: str = "fp32"        # EPI's importance EMA: "fp32", "bf16" or "int8" (8 bits + a scale per block)
+    mask_storage: str = "index"      # EPI's isolated set: "index" (int32 indices) or "bits" (1 bit per parameter)
+    isolation_schedule: tuple = ()   # EPI-family: one rho per stage (() = isolation_ratio throughout)
+    replay_importance: bool = False  # EPI variant: a second EMA fed by the replayed rows' own gradient
+    # CPI-FT (method "static")
+    core_ratio: float = 0.01         # each task's core region: top fraction by probe update magnitude
+    probe_steps: int = 100           # steps of each task's probe fine-tune
+    cpift_stages: str = "grouping"   # "grouping": CPI-FT's task groups are the stages; "schedule": keep the run's
+    cpift_tau: float = 0.1           # Jaccard overlap of two cores that puts their tasks in one group
+    cpift_fusion: bool = True        # transplant the cores and SLERP-merge the probes before training
     tokenizer: str = "bytes"         # "bytes" (offline, default) or "gpt2" (needs its vocabulary files)
     gpt2_vocab: str = ""             # folder with GPT-2's vocab.bpe and encoder.json (for tokenizer="gpt2")
     # run
@@ -76,6 +85,16 @@ class TrainConfig:
         in_range("replay", 0, 1)
         in_range("learning_rate", 1e-8, 1.0, hi_open=False)
         in_range("weight_decay", 0, 10, hi_open=False)
+        in_range("core_ratio", 0, 1)
+        in_range("cpift_tau", 0, 1, hi_open=False)
+        check("cpift_stages", self.cpift_stages in ("grouping", "schedule"), "'grouping' or 'schedule'")
+        check("ema_storage", self.ema_storage in ("fp32", "bf16", "int8"), "'fp32', 'bf16' or 'int8'")
+        check("mask_storage", self.mask_storage in ("index", "bits"), "'index' or 'bits'")
+        for name in ("replay_importance", "cpift_fusion"):
+            check(name, isinstance(getattr(self, name), bool), "True or False")
+        check("isolation_schedule", isinstance(self.isolation_schedule, (tuple, list)) and all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in self.isolation_schedule),
+            "a list of numbers in [0, 1), one per stage")
         in_range("grad_clip", 0, float("inf"))
         check("schedule", self.schedule in SCHEDULE_NAMES, f"one of {SCHEDULE_NAMES}")
         check("method", self.method in METHODS, f"one of {tuple(METHODS)}")
@@ -92,6 +111,7 @@ class TrainConfig:
     def to_dict(self):
         d = asdict(self)
         d["tasks"], d["task_files"] = list(self.tasks), [str(f) for f in self.task_files]
+        d["isolation_schedule"] = list(self.isolation_schedule)
         return d
 
 
@@ -114,4 +134,8 @@ def make_config(preset="cpu", **overrides) -> TrainConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown config option(s) {unknown}; known options: {sorted(known)}")
-    return TrainConfig(**{**PRESETS[preset], **overrides, "preset": preset}).validate()
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    for name in ("tasks", "task_files", "isolation_schedule"):  # lists (from JSON, say) -> tuples
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
+    return TrainConfig(**values).validate()

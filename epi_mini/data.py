@@ -144,6 +144,11 @@ class Batch:
     loss_mask: torch.Tensor  # (B, T) 1.0 where y is a response token or the end token
     tasks: list             # the task of each row
 
+    def select(self, rows) -> "Batch":
+        """The batch made of the given rows (a list of row indices)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return Batch(self.x[index], self.y[index], self.loss_mask[index], [self.tasks[i] for i in rows])
+
 
 def encode_example(tokenizer, ex: Example):
     """Token ids of prompt + response + <|endoftext|>, and the number of prompt tokens."""

@@ -74,13 +74,26 @@ class DriftRecorder:
                 J[i][j] = J[j][i] = jaccard(self.sets[i], self.sets[j])
         return J
 
-    def summary(self):
-        """JSON-ready drift figures (empty when fewer than two snapshots were taken)."""
+    def summary(self, boundaries=()):
+        """JSON-ready drift figures (empty when fewer than two snapshots were taken).
+
+        With the schedule's stage ``boundaries`` (the step each stage ends at), the overlap-vs-lag curve is
+        also split into pairs of snapshots taken within one stage (the data mixture did not change between
+        them) and pairs that straddle a boundary, so that drift can be told apart from a change of data.
+        ``chance`` is the overlap of two random sets of the same size, rho / (2 - rho)."""
         if len(self.sets) < 2:
             return {}
         J = self.overlap_matrix()
         k = len(J)
         lags = {lag: [J[i][i + lag] for i in range(k - lag)] for lag in range(1, k)}
+        stage = [sum(step > b for b in boundaries) for step in self.steps]  # a snapshot at a boundary ends its stage
+        split = {}
+        for name, same in (("within_stage", True), ("across_boundary", False)):
+            pairs = {lag: [J[i][i + lag] for i in range(k - lag) if (stage[i] == stage[i + lag]) == same]
+                     for lag in range(1, k)}
+            split[name] = {"lag_steps": [lag * self.every for lag, v in pairs.items() if v],
+                           "overlap": [sum(v) / len(v) for v in pairs.values() if v]}
+        fraction = sum(int(m.sum()) for m in self.sets[0].values()) / sum(m.numel() for m in self.sets[0].values())
         groups = sorted({layer_group(n) for n in self.sets[0]}, key=lambda g: (not g.startswith("emb"), g))
         share = {g: [] for g in groups}
         for sets in self.sets:
@@ -97,4 +110,6 @@ class DriftRecorder:
             "rank_correlation_consecutive": [rc(self.scores[i], self.scores[i + 1]) for i in range(k - 1)],
             "rank_correlation_first_last": rc(self.scores[0], self.scores[-1]),
             "layer_share": share,
+            "chance": fraction / (2 - fraction),
+            **split,
         }

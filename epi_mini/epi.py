@@ -22,6 +22,7 @@ import warnings
 
 import torch
 
+from .compact import BlockwiseEMA8
 from .inputs import check_gradient
 from .isolation import MaskedUpdate, overlap_counts
 
@@ -128,28 +129,40 @@ class EvolvingIsolation(MaskedUpdate):
     """
 
     def __init__(self, params, isolation_ratio=0.1, mask_interval=20, ema_beta=0.99, warmup_steps=100,
-                 normalizer="mean", importance="squared_gradient", ema_dtype=torch.float32, mask_storage="index"):
+                 normalizer="mean", importance="squared_gradient", ema_storage="fp32", mask_storage="index"):
         super().__init__(params, mask_storage)
         check_options(isolation_ratio, mask_interval, ema_beta, warmup_steps, normalizer, importance)
         if mask_interval == "auto" and type(self) is EvolvingIsolation:
             raise ValueError("invalid mask_interval='auto' for EvolvingIsolation: use "
                              "epi_mini.adaptive.AdaptiveIsolation, which refreshes when the isolated set has drifted")
-        if ema_dtype not in (torch.float32, torch.bfloat16) or (ema_dtype == torch.bfloat16 and ema_beta > 0.99):
-            raise ValueError(f"invalid ema_dtype={ema_dtype!r} (with ema_beta={ema_beta}): must be torch.float32, or "
-                             "torch.bfloat16 with ema_beta <= 0.99 (a bf16 EMA stalls: its increments underflow)")
+        if ema_storage not in ("fp32", "bf16", "int8") or (ema_storage == "bf16" and ema_beta > 0.99):
+            raise ValueError(f"invalid ema_storage={ema_storage!r} (with ema_beta={ema_beta}): must be 'fp32', 'int8', "
+                             "or 'bf16' with ema_beta <= 0.99 (a bf16 EMA stalls: its increments underflow)")
         self.isolation_ratio, self.mask_interval, self.ema_beta = isolation_ratio, mask_interval, ema_beta
         self.warmup_steps, self.normalizer = warmup_steps, normalizer
         self.importance = IMPORTANCE_SCORES[importance] if isinstance(importance, str) else importance
-        # The EMA, one value per entry, in row-major order whatever the parameter's memory layout.
-        self.scores = {n: torch.zeros(self._tensor(n).shape, dtype=ema_dtype, device=self._tensor(n).device)
-                       for n in self.params}
-        self.num_steps, self.skipped_steps, self.history = 0, 0, []
+        # The EMA, one value per entry, in row-major order whatever the parameter's memory layout; or, in
+        # 8 bits, BlockwiseEMA8 (then self.scores dequantizes it on demand).
+        shapes = {n: self._tensor(n).shape for n in self.params}
+        device = self._tensor(next(iter(self.params))).device
+        self._ema8 = BlockwiseEMA8(shapes, device) if ema_storage == "int8" else None
+        self._scores = {} if self._ema8 else {n: torch.zeros(s, dtype=torch.bfloat16 if ema_storage == "bf16" else
+                                                             torch.float32, device=device) for n, s in shapes.items()}
+        self.num_steps, self.skipped_steps, self.history, self._refresh_next = 0, 0, [], False
+
+    def set_isolation_ratio(self, ratio):
+        """Change rho; the set is refreshed at the next step (once warm-up is over), whatever K says."""
+        check_options(isolation_ratio=ratio)
+        self.isolation_ratio, self._refresh_next = ratio, True
 
     def _due(self):
         """Is a refresh due at this step? ``t`` counts the steps since warm-up ended (>= 1 once it may start)."""
         t = self.num_steps - self.warmup_steps
         if t < 1:
             return False
+        if self._refresh_next:
+            self._refresh_next = False
+            return True
         return not self.history if self.mask_interval == "once" else (t - 1) % self.mask_interval == 0
 
     @torch.no_grad()
@@ -164,8 +177,10 @@ class EvolvingIsolation(MaskedUpdate):
                           f"({self.skipped_steps} so far), importance scores left unchanged")
             return False
         # A parameter without a gradient keeps its score (and the optimizer skips it too).
-        emas = [self.scores[n] for n, _ in grads]
-        if self.importance is squared_gradient and emas and emas[0].dtype == grads[0][1].dtype:
+        emas = [self._scores[n] for n, _ in grads] if self._ema8 is None else []
+        if self._ema8 is not None:
+            self._ema8.update({n: self.importance(self._tensor(n), g) for n, g in grads}, self.ema_beta)
+        elif self.importance is squared_gradient and emas and emas[0].dtype == grads[0][1].dtype:
             torch._foreach_mul_(emas, self.ema_beta)  # fused over all tensors: the common case, fast
             torch._foreach_addcmul_(emas, [g for _, g in grads], [g for _, g in grads], value=1 - self.ema_beta)
         else:
@@ -175,6 +190,11 @@ class EvolvingIsolation(MaskedUpdate):
         if self._due():
             self.refresh()
         return True
+
+    @property
+    def scores(self):
+        """name -> the importance EMA (float32 or bfloat16; dequantized, transient, in 8-bit mode)."""
+        return self._scores if self._ema8 is None else self._ema8.values()
 
     def select(self):
         """The set a refresh isolates: the global top-rho of the normalised scores (name -> int32 indices)."""
@@ -188,35 +208,45 @@ class EvolvingIsolation(MaskedUpdate):
         current = self.isolated_indices()
         inter, union = overlap_counts(previous, current) if previous is not None else (0, 0)
         isolated, total, inter, union = self._reduce_counts(sum(int(i.numel()) for i in current.values()),
-                                                            sum(s.numel() for s in self.scores.values()), inter, union)
+                                                            sum(self._tensor(n).numel() for n in self.params), inter, union)
+        self._fraction = isolated / total
         self.history.append({"step": self.num_steps, "isolated_fraction": isolated / total,
                              "jaccard_previous": (inter / union if union else 1.0) if previous is not None else None})
 
     def state_bytes(self):
         """Bytes of EPI state: {"ema", "mask", "total", "per_param"}. The EMA costs 4 bytes per parameter (fp32)
-        or 2 (``ema_dtype=torch.bfloat16``: needs beta <= 0.99, as bf16's 8-bit mantissa cannot absorb smaller
-        increments); the isolated set 4*rho (int32 indices, ``mask_storage="index"``, fastest) or 1/8 (packed
-        bits, unpacked at every step). A refresh also needs a transient N-float buffer (not counted)."""
-        ema = sum(s.numel() * s.element_size() for s in self.scores.values())
+        or 2 (``ema_storage="bf16"``: needs beta <= 0.99, as bf16's 8-bit mantissa cannot absorb smaller
+        increments) or 1.016 (``"int8"``, :class:`~epi_mini.compact.BlockwiseEMA8`); the isolated set 4*rho
+        (int32 indices, ``mask_storage="index"``, fastest) or 1/8 (packed bits, unpacked at every step). A refresh
+        also needs a transient N-float buffer (not counted)."""
+        ema = self._ema8.nbytes if self._ema8 else sum(s.numel() * s.element_size() for s in self._scores.values())
         mask = sum(t.numel() * t.element_size() for t in self._stored.values())
-        n = sum(s.numel() for s in self.scores.values())
+        n = sum(self._tensor(n).numel() for n in self.params)
         return {"ema": ema, "mask": mask, "total": ema + mask, "per_param": (ema + mask) / n}
 
     def state_dict(self):
-        return {**super().state_dict(), "scores": {n: s.clone() for n, s in self.scores.items()},
+        ema = self._ema8.state_dict() if self._ema8 else {n: s.clone() for n, s in self._scores.items()}
+        return {**super().state_dict(), "scores": ema,
                 "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
-                "history": [dict(h) for h in self.history]}
+                "isolation_ratio": self.isolation_ratio, "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state):
-        scores = self._by_our_names(state["scores"])
-        if set(scores) != set(self.params):
-            raise ValueError("the saved state does not match these parameters: "
-                             f"{sorted(set(scores) ^ set(self.params))[:5]}")
-        super().load_state_dict(state)
-        for n, s in scores.items():
-            if s.shape != self.scores[n].shape or s.dtype != self.scores[n].dtype:
-                raise ValueError(f"importance of {n!r}: saved {tuple(s.shape)} {s.dtype}, "
-                                 f"expected {tuple(self.scores[n].shape)} {self.scores[n].dtype}")
-            self.scores[n].copy_(s)
+        if self._ema8 is not None or "codes" in state["scores"]:
+            if self._ema8 is None or "codes" not in state["scores"]:
+                raise ValueError("the saved importance and this object differ in ema_storage ('int8' or not)")
+            super().load_state_dict(state)
+            self._ema8.load_state_dict(state["scores"])
+        else:
+            scores = self._by_our_names(state["scores"])
+            if set(scores) != set(self.params):
+                raise ValueError("the saved state does not match these parameters: "
+                                 f"{sorted(set(scores) ^ set(self.params))[:5]}")
+            super().load_state_dict(state)
+            for n, s in scores.items():
+                if s.shape != self._scores[n].shape or s.dtype != self._scores[n].dtype:
+                    raise ValueError(f"importance of {n!r}: saved {tuple(s.shape)} {s.dtype}, "
+                                     f"expected {tuple(self._scores[n].shape)} {self._scores[n].dtype}")
+                self._scores[n].copy_(s)
         self.num_steps, self.skipped_steps = state["num_steps"], state["skipped_steps"]
+        self.isolation_ratio = state.get("isolation_ratio", self.isolation_ratio)
         self.history = [dict(h) for h in state["history"]]

@@ -54,7 +54,8 @@ class MaskedUpdate:
             raise ValueError(f"invalid mask_storage={mask_storage!r}: must be 'index' or 'bits'")
         self.mask_storage = mask_storage
         self._stored = {}  # name -> int32 indices ("index") or packed uint8 bits ("bits"); absent = none
-        self._hooks, self._saved, self._checked = [], None, None
+        self._fraction = 0.0  # isolated share of all entries; None = to be recounted
+        self._hooks, self._saved, self._checked, self._taken = [], None, None, True
 
     def _tensor(self, name):
         """The tensor whose entries are isolated (a sharded subclass returns this process's shard)."""
@@ -65,7 +66,7 @@ class MaskedUpdate:
         return self.params[name].grad
 
     def _set_isolated(self, indices):
-        self._stored = {}
+        self._stored, self._fraction = {}, None
         for n, idx in indices.items():
             if idx.numel() == 0:
                 continue
@@ -89,9 +90,12 @@ class MaskedUpdate:
         return list(counts)
 
     def isolated_fraction(self):
-        isolated = sum(int(self._indices(n).numel()) for n in self._stored)
-        isolated, total = self._reduce_counts(isolated, sum(self._tensor(n).numel() for n in self.params))
-        return isolated / total
+        """The isolated share of all managed entries (counted once per change of the set, then cached)."""
+        if self._fraction is None:
+            isolated = sum(int(self._indices(n).numel()) for n in self._stored)
+            isolated, total = self._reduce_counts(isolated, sum(self._tensor(n).numel() for n in self.params))
+            self._fraction = isolated / total
+        return self._fraction
 
     # The masked step, as optimizer step hooks: save the isolated entries (rho * N values, not a full copy)
     # before the optimizer moves anything, write them back after. take/put_ index the logical (row-major)
@@ -182,3 +186,4 @@ class MaskedUpdate:
         if state["mask_storage"] != self.mask_storage:
             raise ValueError(f"state has mask_storage={state['mask_storage']!r}, this object {self.mask_storage!r}")
         self._stored = {n: t.to(self._tensor(n).device) for n, t in self._by_our_names(state["stored"]).items()}
+        self._fraction = None

@@ -82,11 +82,23 @@ def average_normalized_score(final_scores, reference_scores) -> float:
     return float(np.mean(ratios))
 
 
+def earlier_final(R, first_stage) -> float:
+    """Mean final score of the tasks introduced before the last stage (what forgetting eats into)."""
+    R = np.asarray(R, dtype=float)
+    cols = _earlier_tasks(R, first_stage)
+    return float(np.mean(R[-1, cols])) if cols else float("nan")
+
+
 def record_metric(record, name) -> float:
     """One figure of a run record by name: ``average_score``, ``forgetting``, ``backward_transfer``,
-    ``plasticity`` or ``retention``, computed from its accuracy matrix."""
+    ``plasticity``, ``retention`` or ``earlier_final`` (from its accuracy matrix), or ``frozen_fraction`` (the
+    mean isolated share of the weights over all training steps)."""
+    if name == "frozen_fraction":
+        steps = [s["steps"] for s in record["schedule"]["stages"]]
+        return float(np.dot(record["frozen_fraction"], steps) / sum(steps))
     fns = {"average_score": lambda R, f: average_score(R), "forgetting": forgetting,
-           "backward_transfer": backward_transfer, "plasticity": plasticity, "retention": retention}
+           "backward_transfer": backward_transfer, "plasticity": plasticity, "retention": retention,
+           "earlier_final": earlier_final}
     if name not in fns:
         raise ValueError(f"unknown figure {name!r}; one of {sorted(fns)}")
     return fns[name](record["accuracy_matrix"], record["first_stage"])
@@ -113,6 +125,40 @@ def over_seeds(values) -> dict:
     """``{"mean", "std", "values"}`` of one figure over seeds (JSON-ready; std is the sample std)."""
     m, s = mean_and_spread(values)
     return {"mean": m, "std": s, "values": [float(v) for v in values]}
+
+
+# Two-sided 95% quantiles of Student's t with df = 1..30 degrees of freedom (beyond 30: the normal's 1.96
+# is within 4% of t and we use it); from any statistics table.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(a, b) -> dict:
+    """Compare two methods run with the same seeds (same initial weights, same data order), seed by seed.
+
+    ``a``, ``b``: one value per seed, in the same seed order. Returns the mean of ``a - b`` with a two-sided
+    95% Student-t interval on it (``low``, ``high``), ``n``, and in how many seeds ``a`` was above / below
+    ``b``. ``separated`` is True when the interval excludes 0: only then may a direction be stated; otherwise
+    the two are "not separated" by these seeds.
+    """
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.size < 2:
+        raise ValueError(f"a paired interval needs at least 2 seeds, got {d.size}")
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = (T_975[d.size - 2] if d.size - 1 <= len(T_975) else 1.96) * sd / np.sqrt(d.size)
+    return {"mean": mean, "low": float(mean - half), "high": float(mean + half), "n": int(d.size),
+            "above": int((d > 0).sum()), "below": int((d < 0).sum()), "separated": bool(mean - half > 0 or mean + half < 0),
+            "values": [float(x) for x in d]}
+
+
+def describe_difference(diff, digits=3) -> str:
+    """A paired difference in words: ``+0.031 [+0.012, +0.050] (higher in 5/5 seeds)`` or ``... not separated``."""
+    f = f"{{:+.{digits}f}}"
+    interval = f"{f.format(diff['mean'])} [{f.format(diff['low'])}, {f.format(diff['high'])}]"
+    if not diff["separated"]:
+        return f"{interval}, not separated ({diff['n']} seeds)"
+    word, count = ("higher", diff["above"]) if diff["mean"] > 0 else ("lower", diff["below"])
+    return f"{interval}, {word} in {count}/{diff['n']} seeds"
 
 
 def summarize_seeds(records) -> dict:

@@ -56,16 +56,116 @@ def save(fig_or_ax, path):
     plt.close(fig)
 
 
-def retention_plasticity(points, title="Retention vs plasticity", ax=None):
-    """Scatter of methods (label -> {"retention": {mean, std}, "plasticity": {mean, std}}) with error bars.
-    Up and to the right is better: keeps more of the old tasks and still learns the new ones."""
+def retention_plasticity(points, records=None, title="Retention vs plasticity", ax=None):
+    """Methods on the retention-plasticity plane (label -> {"retention": {mean, std}, "plasticity": {...}}),
+    with error bars of ± std; with ``records`` (label -> list of run records), each seed as a small dot of the
+    same colour. Up and to the right is better: keeps more of the old tasks and still learns the new ones."""
+    from .metrics import record_metric
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 4.5))
+        _, ax = plt.subplots(figsize=(7, 4.8))
     for label, m in points.items():
-        ax.errorbar(m["plasticity"]["mean"], m["retention"]["mean"], xerr=m["plasticity"]["std"],
-                    yerr=m["retention"]["std"], fmt="o", capsize=3, label=label)
+        bar = ax.errorbar(m["plasticity"]["mean"], m["retention"]["mean"], xerr=m["plasticity"]["std"],
+                          yerr=m["retention"]["std"], fmt="o", capsize=3, label=label)
+        if records and label in records:
+            ax.scatter([record_metric(r, "plasticity") for r in records[label]],
+                       [record_metric(r, "retention") for r in records[label]], s=10, alpha=0.5,
+                       color=bar.lines[0].get_color())
     ax.set_xlabel("plasticity: new tasks' score at the end of their stage")
     ax.set_ylabel("retention: earlier tasks' final / best score")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
     return ax
+
+
+def paired_differences(comparisons, names, title="Paired differences", ax=None):
+    """Each comparison ("a vs b" -> figure -> paired difference) as its mean with the 95% interval, one panel
+    per figure name: an interval that does not cross 0 is a separated difference."""
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 0.45 * len(comparisons) + 1.6), sharey=True)
+    labels = list(comparisons)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        for i, pair in enumerate(labels):
+            d = comparisons[pair][name]
+            ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=3,
+                        color="C0" if d["separated"] else "grey")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel(f"{name}: a - b (blue: interval excludes 0)")
+    np.atleast_1d(axes)[0].invert_yaxis()  # the first comparison on top (the y axis is shared)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def earlier_task_curves(runs, title="Earlier tasks during training", ax=None):
+    """Mean held-out score of the tasks introduced before the last stage, over training, for each label
+    (label -> records; mean over seeds), with the stage boundaries dashed and named."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.8))
+    first = next(iter(runs.values()))[0]
+    earlier = [t for t, s in zip(first["tasks"], first["first_stage"]) if s < len(first["stage_boundaries"]) - 1]
+    steps = first["eval_curve"]["step"]
+    for label, recs in runs.items():
+        ys = np.array([[np.mean([r["eval_curve"]["scores"][t][i] for t in earlier]) for i in range(len(steps))]
+                       for r in recs])
+        ax.plot(steps, ys.mean(0), label=label)
+    for b, stage in zip(first["stage_boundaries"][:-1], first["schedule"]["stages"][1:]):
+        ax.axvline(b, color="grey", ls="--", lw=0.8)
+        ax.text(b, 1.0, f" {stage['name']} starts", fontsize=7, va="top", color="grey")
+    ax.set(xlabel="training step", ylabel=f"mean score of {', '.join(earlier)}", ylim=(-0.02, 1.02))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def pareto(points, title="The frozen budget"):
+    """Per-seed points (label -> [{"frozen_fraction", "retention", "plasticity", ...}]) of two families of cells,
+    against the frozen fraction: retention, plasticity, and the retention-plasticity plane."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    families = {"CPI-FT": "s", "EPI": "o", "full SFT": "*"}
+    for k, (label, pts) in enumerate(points.items()):
+        marker = next((m for f, m in families.items() if label.startswith(f)), "x")
+        color = f"C{k}"
+        frozen = [p["frozen_fraction"] for p in pts]
+        for ax, (x, y) in zip(axes, ((frozen, [p["retention"] for p in pts]), (frozen, [p["plasticity"] for p in pts]),
+                                     ([p["plasticity"] for p in pts], [p["retention"] for p in pts]))):
+            ax.scatter(x, y, marker=marker, color=color, s=22, alpha=0.7, label=label if ax is axes[0] else None)
+            ax.scatter([np.mean(x)], [np.mean(y)], marker=marker, color=color, s=90, edgecolor="black")
+        axes[2].annotate(f"{np.mean(frozen):.3f}", (np.mean([p["plasticity"] for p in pts]),
+                                                     np.mean([p["retention"] for p in pts])), fontsize=7,
+                         xytext=(4, 4), textcoords="offset points")
+    axes[0].set(xlabel="frozen fraction (mean over training)", ylabel="retention")
+    axes[1].set(xlabel="frozen fraction (mean over training)", ylabel="plasticity")
+    axes[2].set(xlabel="plasticity", ylabel="retention")
+    axes[2].set_title("big markers: mean of seeds, labelled with their frozen fraction", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def per_task_bars(methods, tasks, title="Final score per task"):
+    """Grouped bars: each method's mean final score per task, with ± std."""
+    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 3, 3.8))
+    width = 0.8 / len(methods)
+    for k, (label, m) in enumerate(methods.items()):
+        x = np.arange(len(tasks)) + (k - (len(methods) - 1) / 2) * width
+        ax.bar(x, [m["final_scores"][t]["mean"] for t in tasks], width, yerr=[m["final_scores"][t]["std"] for t in tasks],
+               capsize=2, label=label)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(ylabel="final held-out score", ylim=(0, 1))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def overlap_curves(methods, title="Overlap vs lag"):
+    """The drift protocol's overlap-vs-lag curves (label -> {"curves": name -> {lag_steps, overlap}, "chance"})."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, (label, m) in enumerate(methods.items()):
+        for style, (name, c) in zip(("-", "--"), m["curves"].items()):
+            ax.errorbar(c["lag_steps"], [v["mean"] for v in c["overlap"]], yerr=[v["std"] for v in c["overlap"]],
+                        fmt=style, marker="o", ms=3, capsize=2, color=f"C{k}", label=f"{label}: {name}")
+        ax.axhline(m["chance"]["mean"], color=f"C{k}", ls=":", lw=1)
+    ax.text(0.99, 0.02, "dotted: two random sets of the same size", transform=ax.transAxes, ha="right", fontsize=7)
+    ax.set(xlabel="lag between snapshots (steps)", ylabel="Jaccard overlap of top-rho sets", ylim=(0, 1))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return fig

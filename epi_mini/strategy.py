@@ -6,7 +6,8 @@ what it changes: plain SFT (:class:`PlainUpdate`) overrides nothing; EPI replace
 step; CPI-FT also uses ``begin_stage`` to freeze the cores of earlier stages. The loop calls, in order::
 
     begin_stage(i)                      as stage i starts (i = 0, 1, ...)
-    step(optimizer) -> bool             after every finite backward pass (True: the optimizer stepped)
+    observe(batch, loss_fn)             after every finite backward pass, with the batch it came from
+    step(optimizer) -> bool             right after (True: the optimizer stepped)
     end_stage(i)                        after stage i's last step
     isolated_fraction() -> float        at the end of every stage, for the record
     summary() -> dict                   once, at the end (merged into the record under "strategy")
@@ -25,6 +26,10 @@ class UpdateStrategy:
 
     def begin_stage(self, stage):
         pass
+
+    def observe(self, batch, loss_fn):
+        """A method that needs more than the batch's gradient (e.g. the gradient of some rows only) computes
+        it here; ``loss_fn(batch)`` is the loop's loss function."""
 
     def step(self, optimizer):
         optimizer.step()
@@ -52,7 +57,8 @@ class PlainUpdate(UpdateStrategy):
 
 def sft_step(loss_fn, batch, parameters, optimizer, strategy, grad_clip=0.0):
     """One update: ``loss_fn(batch)``, backward, clip the gradient norm to ``grad_clip`` (0 = no clipping),
-    then ``strategy.step(optimizer)`` -- only if the loss and the gradient norm are finite -- and clear the
+    then ``strategy.observe(batch, loss_fn)`` and ``strategy.step(optimizer)`` -- only if the loss and the
+    gradient norm are finite -- and clear the
     gradients. Returns the loss value, or None when the step was skipped (weights, optimizer moments and
     importance scores are then exactly as they were)."""
     loss = loss_fn(batch)
@@ -61,6 +67,7 @@ def sft_step(loss_fn, batch, parameters, optimizer, strategy, grad_clip=0.0):
     value = loss.item()
     finite = math.isfinite(value) and math.isfinite(norm.item())
     if finite:
+        strategy.observe(batch, loss_fn)
         strategy.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return value if finite else None

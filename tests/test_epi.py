@@ -195,7 +195,8 @@ def test_parameters_without_gradients_are_handled():
     (dict(warmup_steps=-1), "invalid warmup_steps=-1: must be an integer >= 0"),
     (dict(normalizer="median"), "invalid normalizer='median': must be one of"),
     (dict(importance="magic"), "invalid importance='magic': must be one of"),
-    (dict(ema_dtype=torch.bfloat16, ema_beta=0.999), "bf16"),
+    (dict(ema_storage="bf16", ema_beta=0.999), "bf16"),
+    (dict(ema_storage="fp16"), "ema_storage='fp16'"),
     (dict(mask_storage="dense"), "mask_storage"),
 ])
 def test_out_of_range_arguments_raise_valueerror_naming_them(kwargs, message):
@@ -215,7 +216,7 @@ def test_compact_mode_bits_and_bf16_isolate_the_same_entries():
     (m1, e1), (m2, e2) = run(), run(mask_storage="bits")
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert all(torch.equal(e1.isolated[n], e2.isolated[n]) for n in e1.isolated)
-    _, e3 = run(mask_storage="bits", ema_dtype=torch.bfloat16)
+    _, e3 = run(mask_storage="bits", ema_storage="bf16")
     assert jaccard(e1.isolated, e3.isolated) > 0.8  # bf16 rounding may swap entries near the threshold
     n = n_params(m1)
     assert e1.state_bytes()["ema"] == 4 * n and e3.state_bytes()["ema"] == 2 * n
