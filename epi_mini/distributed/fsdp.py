@@ -11,7 +11,8 @@ step see only ``p.to_local()`` and ``p.grad.to_local()`` (EPI's ``_tensor`` / ``
 step is exactly single-process EPI's on the local entries: save the isolated entries of the shard, let the
 optimizer step, write them back. A dim-0 shard is a contiguous range of the flat tensor and shards follow
 each other in rank order, which is what :func:`~epi_mini.distributed.selection.sharded_top_fraction` (the
-global top-rho, exact, ties split in global order) needs; nothing is ever gathered in full.
+global top-rho, exact, ties split in global order) needs. EPI gathers nothing: the only all-gathers are
+FSDP2's own, of one block's weights at a time.
 
 :func:`shard_model` applies ``fully_shard`` as FSDP2's documentation does: each transformer block, then the
 root (embeddings, final LayerNorm and the tied head).
