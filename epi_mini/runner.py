@@ -3,16 +3,14 @@
 ``python -m epi_mini`` and its multi-process twin ``torchrun ... -m epi_mini.distributed`` both train through
 :func:`run_seeds`, so both check the same things: a folder to resume exists, a finished seed was trained
 with the same options, a checkpoint belongs to this config (all before any work starts). Per seed it writes
-``seed<N>.pt`` (final weights) and then ``seed<N>.json`` (the record): the record is written last, so its
-presence marks the seed as finished. Every file is written atomically.
+``seed<N>.pt`` (final weights; an FSDP2 run writes the sharded folder ``seed<N>.dcp/`` instead) and then
+``seed<N>.json`` (the record): the record is written last, so its presence marks the seed as finished. Every
+file is written atomically.
 """
-import io
 import json
 from pathlib import Path
 
-import torch
-
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_json
+from .checkpoint import CheckpointError, load_checkpoint, save_json
 from .train import Run, fit
 
 
@@ -50,10 +48,8 @@ def run_seeds(configs, out, make_run=Run, resume=False, checkpoint_every=0, prog
                      checkpoint_every=checkpoint_every, resume=bool(resume))
         if annotate is not None:
             annotate(record, run)
+        run.write_weights(out / f"seed{cfg.seed}")  # seed<N>.pt (a sharded run: its own format, see Run)
         if run.is_main:
-            buffer = io.BytesIO()
-            torch.save(run.model.state_dict(), buffer)
-            atomic_write_bytes(out / f"seed{cfg.seed}.pt", buffer.getvalue())
             save_json(path, record)  # written last: its presence marks the seed as finished
         records.append(record)
     return records

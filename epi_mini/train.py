@@ -14,11 +14,13 @@ untouched) and counted; more than ``max_bad_steps`` in a row stops the run with 
 With a ``checkpoint_dir``, the full state is saved atomically every ``checkpoint_every`` steps, and
 ``resume=True`` continues from it to the same final record (batches are a pure function of seed and step).
 """
+import io
 import time
+from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import MixtureStream, make_schedule
 from .evaluate import evaluate, load_eval_sets
@@ -102,6 +104,37 @@ class Run:
         """The update strategy of ``cfg.method`` (see :mod:`epi_mini.methods`)."""
         return build_strategy(self)
 
+    # Where the state goes. A sharded run (epi_mini.distributed, --fsdp) overrides these three: each of its
+    # processes holds a different shard, so every process writes and reads its own part.
+    def write_checkpoint(self, folder, strategy, state):
+        """Save the loop's ``state`` (step, record, ...) with the model's, optimizer's and ``strategy``'s state
+        dicts, atomically; only the main process writes."""
+        if self.is_main:
+            save_checkpoint(folder, {**state, "model": self.model.state_dict(),
+                                     "optimizer": self.optimizer.state_dict(), "strategy": strategy.state_dict()})
+
+    def read_checkpoint(self, folder, strategy):
+        """Restore the model, the optimizer and ``strategy`` from the checkpoint in ``folder``; return the
+        checkpoint (the loop reads its own entries from it), or None when there is none yet."""
+        state = load_checkpoint(folder, self.cfg)
+        if state is not None and "model" not in state:
+            raise CheckpointError(f"{folder} holds a sharded checkpoint (written by an FSDP2 run): resume it with "
+                                  "torchrun ... -m epi_mini.distributed --fsdp")
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            strategy.load_state_dict(state["strategy"])
+        return state
+
+    def write_weights(self, stem):
+        """Save the final weights as ``<stem>.pt`` (atomically; main process only) and return that path."""
+        path = Path(f"{stem}.pt")
+        if self.is_main:
+            buffer = io.BytesIO()
+            torch.save(self.model.state_dict(), buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+        return path
+
 
 def lr_at(cfg, step):
     """Linear warm-up, then constant: every stage trains at the same rate, so plasticity stays comparable."""
@@ -139,11 +172,8 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     run.strategy = strategy
     record, start, bad_in_a_row, running = new_record(run), 0, 0, []
     if resume and checkpoint_dir is not None:
-        state = load_checkpoint(checkpoint_dir, cfg)
+        state = run.read_checkpoint(checkpoint_dir, strategy)
         if state is not None:
-            run.model.load_state_dict(state["model"])
-            run.optimizer.load_state_dict(state["optimizer"])
-            strategy.load_state_dict(state["strategy"])
             record, start, bad_in_a_row = state["record"], state["step"], state["bad_in_a_row"]
             running = state["running_losses"]
             torch.set_rng_state(state["torch_rng"])
@@ -195,14 +225,10 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
             bar.update(1)
             if done % log_interval == 0 and record["loss_curve"]["loss"]:
                 bar.set_postfix(stage=stage + 1, loss=f"{record['loss_curve']['loss'][-1]:.3f}")
-        if (checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < total
-                and run.is_main):
-            save_checkpoint(checkpoint_dir, {
-                "config": cfg.to_dict(), "step": done, "model": run.model.state_dict(),
-                "optimizer": run.optimizer.state_dict(),
-                "strategy": strategy.state_dict(),
-                "record": record, "bad_in_a_row": bad_in_a_row, "running_losses": running,
-                "torch_rng": torch.get_rng_state()})
+        if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
+            run.write_checkpoint(checkpoint_dir, strategy, {
+                "config": cfg.to_dict(), "step": done, "record": record, "bad_in_a_row": bad_in_a_row,
+                "running_losses": running, "torch_rng": torch.get_rng_state()})
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0

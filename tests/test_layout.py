@@ -16,7 +16,8 @@ LAYERS = [
     "strategy", "baselines", "methods",                                   # update strategies, by name
     "config", "checkpoint", "plots", "train", "runner",                   # the training loop and its runs
     "experiments", "course", "cli",                                       # protocols, notebooks, command line
-    "distributed.comm", "distributed.selection", "distributed.sharded", "distributed.ddp", "distributed.launch",
+    "distributed.comm", "distributed.selection", "distributed.fsdp", "distributed.checkpoint", "distributed.ddp",
+    "distributed.launch",
     "__init__", "__main__", "distributed.__init__", "distributed.__main__",
 ]
 

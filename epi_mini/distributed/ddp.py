@@ -1,30 +1,38 @@
-"""Data-parallel EPI (DDP): one process per device, each on its slice of every global batch.
+"""The distributed run: one process per device, each on its slice of every global batch, with DDP (default)
+or FSDP2 (``--fsdp``).
 
-Every rank holds the whole model. Rank ``r`` trains on ``examples[r::N]`` of each
-global batch (:meth:`MixtureStream.batch`) and DistributedDataParallel averages the gradients, so every
-rank sees the same gradient, updates its EMA the same way and selects the same isolated set: EPI itself
-runs unchanged on every rank. Two details make the run equal to a single process on the same global batch:
+Rank ``r`` trains on ``examples[r::N]`` of each global batch (:meth:`MixtureStream.batch`) and the gradients
+are averaged over the ranks: all-reduced by DistributedDataParallel, or reduce-scattered by FSDP2 (then each
+rank holds the averaged gradient of its shard only). Two details make the run equal to a single process on the
+same global batch:
 
 * the loss is normalised by the *global* number of response tokens (:meth:`DistributedRun.loss_on`): a
   per-rank mean would weight a rank with few response tokens as much as one with many;
 * the loss value the loop sees is the global mean, identical on every rank, so every rank takes the same
   decision about skipping a non-finite step (a rank that skipped alone would deadlock or diverge).
 
-``--check-sync`` verifies the claim "identical on every rank" at every refresh with a cheap checksum
-all-reduce (:class:`SyncCheckedIsolation`) and stops with a clear error if it fails.
+**DDP**: every rank holds the whole model, sees the same gradient, updates its EMA the same way and selects
+the same isolated set: EPI itself runs unchanged on every rank. ``--check-sync`` verifies the claim
+"identical on every rank" at every refresh with a cheap checksum all-reduce (:class:`SyncCheckedIsolation`).
+
+**FSDP2**: the model is sharded by :func:`~epi_mini.distributed.fsdp.shard_model`, EPI is
+:class:`~epi_mini.distributed.fsdp.FSDPEvolvingIsolation` over the local shards, and checkpoints and final
+weights are written shard by shard with ``torch.distributed.checkpoint``
+(:mod:`~epi_mini.distributed.checkpoint`).
 """
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from ..methods import EPIUpdate, epi_options
-from ..strategy import PlainUpdate
 from ..train import Run, pick_device
+from .checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, save_sharded_weights
 from .comm import _all_reduce, assert_same_on_all_ranks
-from .sharded import ShardedEvolvingIsolation, ShardedOptimizer, ShardedUpdate
+from .fsdp import FSDPEvolvingIsolation, check_fsdp_options, reshard, shard_model
 
 
 def isolation_checksum(strategy):
@@ -76,16 +84,18 @@ class _GlobalLossValue(torch.autograd.Function):
 class DistributedRun(Run):
     """A :class:`~epi_mini.train.Run` for one rank of a process group (call :func:`init_distributed` first).
 
-    The model is built as usual (same seed: same initial weights on every rank; DDP also broadcasts rank 0's
-    weights) and wrapped in DDP as ``forward_model``; rank 0 alone writes outputs. With ``shard=True`` the
-    optimizer becomes a :class:`ShardedOptimizer` over this rank's slices. ``fit(run, run.make_strategy())``
-    trains it.
+    The model is built as usual (same seed: same initial weights on every rank), then either wrapped in DDP
+    as ``forward_model`` or, with ``fsdp=True``, sharded in place with FSDP2 (and the optimizer re-created
+    over the shards); rank 0 alone writes files, except the sharded checkpoints and weights, which every rank
+    writes its part of. ``fit(run, run.make_strategy())`` trains it.
     """
 
-    def __init__(self, cfg, shard=False, check_sync=False, group=None):
+    def __init__(self, cfg, fsdp=False, check_sync=False, group=None):
         if not dist.is_initialized():
             raise RuntimeError("no process group: call epi_mini.distributed.init_distributed() first, under "
                                "torchrun --nproc_per_node=N -m epi_mini.distributed")
+        if fsdp:
+            check_fsdp_options(cfg.method, cfg.mask_interval, cfg.normalizer, check_sync)
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         if cfg.batch_size < world_size:
             raise ValueError(f"invalid batch_size={cfg.batch_size}: must be >= the number of processes "
@@ -103,14 +113,16 @@ class DistributedRun(Run):
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
-        self.group, self.sharded, self.check_sync = group, shard, check_sync
-        self.forward_model = DistributedDataParallel(
-            self.model, device_ids=[local_rank] if self.device.type == "cuda" else None, process_group=group)
-        if shard:
-            self.optimizer = ShardedOptimizer(self.model, self.optimizer, rank, world_size, group)
+        self.group, self.fsdp, self.check_sync = group, fsdp, check_sync
+        if fsdp:
+            self.forward_model = shard_model(self.model, group)
+            self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate)  # over the shards
+        else:
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None, process_group=group)
 
     def loss_on(self, batch):
-        """This rank's share of the global-batch loss: DDP averages gradients over R ranks, so a rank's
+        """This rank's share of the global-batch loss: DDP and FSDP2 average gradients over R ranks, so a rank's
         loss must be ``R * (sum of its masked token losses) / (response tokens of the whole global batch)``
         for the average to be the single-process gradient of the global mean. One all-reduce of two float64.
         """
@@ -127,16 +139,44 @@ class DistributedRun(Run):
         """The update strategy of ``cfg.method`` for this rank (:func:`epi_mini.methods.build_strategy` when
         nothing distributed is needed)."""
         cfg, is_epi = self.cfg, self.cfg.method in ("epi", "static-epi")
-        if self.sharded:
-            if cfg.method == "static":
-                raise ValueError("method 'static' (CPI-FT) is not supported with --shard: its probe fine-tunes "
-                                 "train whole-model copies; run it without --shard")
-            inner = ShardedEvolvingIsolation(list(self.optimizer.shards.items()), self.group, **epi_options(cfg)) \
-                if is_epi else PlainUpdate()
-            return ShardedUpdate(inner, self.optimizer, self.check_sync)
+        if self.fsdp and is_epi:
+            return FSDPEvolvingIsolation(self.model, **epi_options(cfg))
         if is_epi and self.check_sync:
             return SyncCheckedIsolation(self.model, self.group, **epi_options(cfg))
-        return super().make_strategy()
+        return super().make_strategy()  # plain SFT needs nothing more under FSDP2: the optimizer steps the shards
+
+    def evaluate(self):
+        scores = super().evaluate()  # under FSDP2 every rank takes part: each forward all-gathers the weights
+        if self.fsdp:
+            reshard(self.model)  # the root keeps its weights gathered after a forward without backward
+        return scores
+
+    # Under FSDP2 every rank writes and reads its own shards (epi_mini.distributed.checkpoint).
+    def write_checkpoint(self, folder, strategy, state):
+        if not self.fsdp:
+            return super().write_checkpoint(folder, strategy, state)
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        save_sharded_checkpoint(folder, {**state, "model": model, "optimizer": optimizer,
+                                         "strategy": strategy.state_dict()}, self.group)
+
+    def read_checkpoint(self, folder, strategy):
+        if not self.fsdp:
+            return super().read_checkpoint(folder, strategy)
+        model, optimizer = get_state_dict(self.model, self.optimizer)  # the live shards, filled in place
+        state = load_sharded_checkpoint(folder, {"model": model, "optimizer": optimizer,
+                                                 "strategy": strategy.state_dict()}, self.cfg, self.group)
+        if state is not None:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+            strategy.load_state_dict(state["strategy"])
+        return state
+
+    def write_weights(self, stem):
+        """DDP: ``<stem>.pt`` from rank 0. FSDP2: the DCP folder ``<stem>.dcp/``, every rank writing its
+        shards (``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` turns it into one file)."""
+        if not self.fsdp:
+            return super().write_weights(stem)
+        return save_sharded_weights(f"{stem}.dcp", get_model_state_dict(self.model), self.group)
 
 
 def init_distributed(backend="auto", device="auto", timeout_s=600):

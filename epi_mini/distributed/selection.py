@@ -35,8 +35,10 @@ In all: 5 to 7 rounds (+1 for the log) and 16T + 8192 to 32T + 8192 bytes of pay
 preset's model (T = 40, N = 364k) that is 8.8 to 9.5 KB, against 1.46 MB (4 N) to all-gather every fp32
 score; for the ``gpu`` preset (T = 76, N = 4.8 M), 9.4 to 10.6 KB against 19 MB. :func:`selection_cost`
 returns these figures and ``benchmarks/distributed_comm.py`` prints and measures them. Per training step,
-DDP all-reduces the gradients (4 N bytes of payload in fp32) plus 16 bytes (global token count and loss);
-``--shard`` adds one all-gather of the updated slices (4 N / R bytes of payload, 4 N come back).
+DDP all-reduces the gradients (4 N bytes of payload in fp32) plus 16 bytes (global token count and loss).
+FSDP2 (``--fsdp``) all-gathers each block's weights for forward and again for backward (4 N / R bytes of
+payload, 4 N come back, each time; the root's only once) and reduce-scatters the gradients (4 N of payload,
+4 N / R come back), plus the same 16 bytes.
 """
 import math
 
