@@ -28,7 +28,8 @@ from epi_mini.distributed import (DistributedRun, FSDPEvolvingIsolation, SyncChe
                                   init_distributed, load_sharded_checkpoint, main, order_preserving_keys,
                                   selection_cost, shard_range, sharded_top_fraction, ties_taken_by_rank)
 from epi_mini.distributed.checkpoint import SafeFileSystemReader, _dcp_load
-from epi_mini.epi import indices_to_masks, normalize, top_fraction
+from epi_mini.epi import normalize, top_fraction
+from epi_mini.isolation import indices_to_masks
 from epi_mini.train import Run, fit
 
 
