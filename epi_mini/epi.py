@@ -63,32 +63,73 @@ def normalize(score, kind="mean", out=None):
         ranks = torch.arange(1, s.numel() + 1, dtype=out.dtype, device=out.device) / s.numel()
         return out.index_put_((order,), ranks)
     shift, scale = _affine_stats(kind, s)
-    return torch.sub(s, shift, out=out).div_(scale)
+    return torch.div(s, scale, out=out) if kind != "zscore" else torch.sub(s, shift, out=out).div_(scale)
 
 
 NORMALIZERS = ("mean", "max", "zscore", "rank")
 
 
 # --- 3. global selection -------------------------------------------------------------------------------------
-def top_fraction(scores, ratio, normalizer="mean"):
-    """Global top-``ratio`` entries of layer-normalised ``scores`` (name -> tensor) as name -> int32 flat indices.
+def kth_largest(flat, k, method="auto"):
+    """The k-th largest value of a flat float tensor, exactly: ``kthvalue`` (quickselect on a copy, O(N)),
+    ``topk`` (a partial sort, O(N log k)) or ``histogram``: the float32 bit pattern of a non-negative number
+    grows with its value, so its top 16 bits are a bin index in value order; one ``bincount`` finds the bin
+    that holds the k-th largest entry, and ``kthvalue`` on that bin's few entries finishes the job (O(N), three
+    cheap passes). ``"auto"``: the fastest measured by ``benchmarks/cost.py`` (kthvalue below 2**18 entries)."""
+    if method == "auto":
+        method = "kthvalue" if flat.numel() < 2**18 else "histogram"
+    if method == "kthvalue":
+        return torch.kthvalue(flat, flat.numel() - k + 1).values
+    if method == "topk":
+        return torch.topk(flat, k, sorted=False).values.min()
+    low = flat.min()
+    values = flat - low if low < 0 else flat  # z-scores: the same order, shifted to >= 0
+    bins = (values.view(torch.int32) >> 15).clamp_(min=0)  # -0.0 has the sign bit set: it is 0
+    above = torch.bincount(bins, minlength=1 << 16).flip(0).cumsum(0)  # entries in the top j + 1 bins
+    j = int(torch.searchsorted(above, k))
+    inside = flat[bins == (1 << 16) - 1 - j]
+    need = k - (int(above[j - 1]) if j > 0 else 0)
+    return torch.kthvalue(inside, inside.numel() - need + 1).values
 
-    Exactly ``round(ratio * N)`` entries are chosen. The threshold is the k-th largest value (``kthvalue``:
-    O(N), no full sort); entries tied at the threshold are taken in order of their global flat position, so
-    the choice is deterministic. ``normalizer=None`` selects on the raw scores.
+
+class Selection(dict):
+    """name -> int32 flat indices of a selection, and the flat mask it came from, so that its overlap with an
+    earlier set costs one gather of that set's entries, not a rebuilt mask."""
+
+    def __init__(self, names, chosen, sizes):
+        self.chosen, self.offsets = chosen, dict(zip(names, [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]))
+        index = chosen.nonzero().squeeze(1)
+        cut = torch.searchsorted(index, torch.tensor(sizes, device=index.device).cumsum(0))
+        for name, part, offset in zip(names, index.tensor_split(cut[:-1].cpu()), self.offsets.values()):
+            self[name] = (part - offset).to(torch.int32)
+
+    def count_of(self, previous):
+        """How many entries of ``previous`` (name -> flat indices) this selection holds too."""
+        parts = [i.long() + self.offsets[n] for n, i in previous.items()]
+        return int(self.chosen.take(torch.cat(parts)).sum()) if parts else 0
+
+
+def top_fraction(scores, ratio, normalizer="mean", method="auto"):
+    """Global top-``ratio`` entries of layer-normalised ``scores`` (name -> tensor): a :class:`Selection`,
+    name -> int32 flat indices.
+
+    Exactly ``round(ratio * N)`` entries are chosen: all those above the k-th largest value (:func:`kth_largest`,
+    O(N), no sort), then the entries tied with it in order of their global flat position, so that the choice
+    is deterministic. One pass normalises into a flat buffer; ``normalizer=None`` selects on the raw scores.
     """
     sizes = [s.numel() for s in scores.values()]
     flat = torch.empty(sum(sizes), device=next(iter(scores.values())).device)
     for s, chunk in zip(scores.values(), flat.split(sizes)):
         chunk.copy_(s.reshape(-1)) if normalizer is None else normalize(s, normalizer, out=chunk)
     k = round(ratio * flat.numel())
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-        chosen = flat > threshold
-        need = k - int(chosen.sum())
-        chosen[(flat == threshold).nonzero().squeeze(1)[:need]] = True
-    return {name: c.nonzero().squeeze(1).to(torch.int32) for name, c in zip(scores, chosen.split(sizes))}
+    if k == 0:
+        return Selection(list(scores), torch.zeros_like(flat, dtype=torch.bool), sizes)
+    threshold = kth_largest(flat, k, method)
+    chosen = flat >= threshold
+    extra = int(chosen.sum()) - k
+    if extra > 0:  # more ties at the threshold than places: keep the first ones in flat order
+        chosen[(flat == threshold).nonzero().squeeze(1)[-extra:]] = False
+    return Selection(list(scores), chosen, sizes)
 
 
 # --- argument checks, shared with epi_mini.config (which checks the same options on the command line) ------
@@ -149,6 +190,7 @@ class EvolvingIsolation(MaskedUpdate):
         self._scores = {} if self._ema8 else {n: torch.zeros(s, dtype=torch.bfloat16 if ema_storage == "bf16" else
                                                              torch.float32, device=device) for n, s in shapes.items()}
         self.num_steps, self.skipped_steps, self.history, self._refresh_next = 0, 0, [], False
+        self._skipped_on_device = 0  # steps skipped by a device flag (see _observe), read back only on demand
 
     def set_isolation_ratio(self, ratio):
         """Change rho; the set is refreshed at the next step (once warm-up is over), whatever K says."""
@@ -166,30 +208,49 @@ class EvolvingIsolation(MaskedUpdate):
         return not self.history if self.mask_interval == "once" else (t - 1) % self.mask_interval == 0
 
     @torch.no_grad()
-    def _observe(self):
-        """Steps 1 and 3: the EMA update with this step's gradients, then a refresh if one is due."""
+    def _observe(self, optimizer=None):
+        """Steps 1 and 3: the EMA update with this step's gradients, then a refresh if one is due.
+
+        An optimizer that skips its own update by a device flag ``found_inf`` (a fused one, under a GradScaler or
+        the training loop on an accelerator) gets the same from EPI: the EMA update is gated by that flag, and
+        nothing is read back to the host (the step is counted in ``num_steps`` either way)."""
         grads = [(n, g) for n, g in ((n, self._grad(n)) for n in self.params) if g is not None]
         for n, g in grads:
             check_gradient(n, g)
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in grads]))).all():
+        found_inf = getattr(optimizer, "found_inf", None)
+        finite = found_inf is not None or not grads or torch.isfinite(torch.stack(torch._foreach_norm(
+            [g for _, g in grads]))).all()
+        if not finite:
             self.skipped_steps += 1
             warnings.warn(f"EvolvingIsolation: non-finite gradient at step {self.num_steps + 1}; step skipped "
                           f"({self.skipped_steps} so far), importance scores left unchanged")
             return False
-        # A parameter without a gradient keeps its score (and the optimizer skips it too).
-        emas = [self._scores[n] for n, _ in grads] if self._ema8 is None else []
-        if self._ema8 is not None:
-            self._ema8.update({n: self.importance(self._tensor(n), g) for n, g in grads}, self.ema_beta)
-        elif self.importance is squared_gradient and emas and emas[0].dtype == grads[0][1].dtype:
-            torch._foreach_mul_(emas, self.ema_beta)  # fused over all tensors: the common case, fast
-            torch._foreach_addcmul_(emas, [g for _, g in grads], [g for _, g in grads], value=1 - self.ema_beta)
-        else:
-            for ema, (n, g) in zip(emas, grads):
-                ema.lerp_(self.importance(self._tensor(n), g).to(ema.dtype), 1 - self.ema_beta)
+        self._update_ema(grads, None if found_inf is None else 1.0 - found_inf)
+        if found_inf is not None:
+            self._skipped_on_device = self._skipped_on_device + found_inf
         self.num_steps += 1
         if self._due():
             self.refresh()
         return True
+
+    def _update_ema(self, grads, keep=None):
+        """``I <- beta I + (1 - beta) score(theta, g)``; with ``keep`` (0-dim device tensor), only where it is 1.
+        A parameter without a gradient keeps its score (and the optimizer skips it too)."""
+        if keep is not None:  # decided on the device: a non-finite increment is zeroed, then gated out
+            increments = {n: torch.nan_to_num(self.importance(self._tensor(n), g), 0.0, 0.0, 0.0) for n, g in grads}
+            if self._ema8 is not None:
+                return self._ema8.update(increments, self.ema_beta, keep)
+            for n, inc in increments.items():
+                self._scores[n].lerp_(inc.to(self._scores[n].dtype), (1 - self.ema_beta) * keep)
+        elif self._ema8 is not None:
+            self._ema8.update({n: self.importance(self._tensor(n), g) for n, g in grads}, self.ema_beta)
+        elif self.importance is squared_gradient and grads and self._scores[grads[0][0]].dtype == grads[0][1].dtype:
+            emas, gs = [self._scores[n] for n, _ in grads], [g for _, g in grads]
+            torch._foreach_mul_(emas, self.ema_beta)  # fused over all tensors: the common case, fast
+            torch._foreach_addcmul_(emas, gs, gs, value=1 - self.ema_beta)
+        else:
+            for n, g in grads:
+                self._scores[n].lerp_(self.importance(self._tensor(n), g).to(self._scores[n].dtype), 1 - self.ema_beta)
 
     @property
     def scores(self):
@@ -204,9 +265,16 @@ class EvolvingIsolation(MaskedUpdate):
     def refresh(self):
         """Recompute the isolated set from the current scores; log its overlap with the previous set."""
         previous = self.isolated_indices() if self.history else None
-        self._set_isolated(self.select())
+        selection = self.select()
+        self._set_isolated(selection)
         current = self.isolated_indices()
-        inter, union = overlap_counts(previous, current) if previous is not None else (0, 0)
+        if previous is None:
+            inter, union = 0, 0
+        elif isinstance(selection, Selection):  # the overlap from the selection itself: O(rho N)
+            inter = selection.count_of(previous)
+            union = sum(int(i.numel()) for i in previous.values()) + sum(int(i.numel()) for i in current.values()) - inter
+        else:
+            inter, union = overlap_counts(previous, current)
         isolated, total, inter, union = self._reduce_counts(sum(int(i.numel()) for i in current.values()),
                                                             sum(self._tensor(n).numel() for n in self.params), inter, union)
         self._fraction = isolated / total

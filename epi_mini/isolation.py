@@ -145,7 +145,7 @@ class MaskedUpdate:
     @torch.no_grad()
     def _save(self, optimizer):
         self._warn_unfrozen(optimizer)
-        self._taken = self._observe()
+        self._taken = self._observe(optimizer)
         if not self._taken:  # a skipped step: with no gradients the optimizer moves nothing, moments included
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -158,7 +158,7 @@ class MaskedUpdate:
             t.put_(i, values)
         self._saved = None
 
-    def _observe(self):
+    def _observe(self, optimizer=None):
         """What a subclass learns from this step's gradients before it is taken; False skips the step."""
         return True
 

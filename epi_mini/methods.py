@@ -40,7 +40,8 @@ class EPIUpdate(EvolvingIsolation, UpdateStrategy):
             self.set_isolation_ratio(self.stage_ratios[stage])
 
     def summary(self):
-        return {"refreshes": len(self.history), "history": self.history, "skipped_steps": self.skipped_steps,
+        return {"refreshes": len(self.history), "history": self.history,
+                "skipped_steps": self.skipped_steps + int(self._skipped_on_device),
                 "state_bytes": self.state_bytes()}
 
 

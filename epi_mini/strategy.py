@@ -55,15 +55,29 @@ class PlainUpdate(UpdateStrategy):
     """Plain SFT: every parameter is updated by the optimizer."""
 
 
-def sft_step(loss_fn, batch, parameters, optimizer, strategy, grad_clip=0.0):
+def sft_step(loss_fn, batch, parameters, optimizer, strategy, grad_clip=0.0, sync=True):
     """One update: ``loss_fn(batch)``, backward, clip the gradient norm to ``grad_clip`` (0 = no clipping),
     then ``strategy.observe(batch, loss_fn)`` and ``strategy.step(optimizer)`` -- only if the loss and the
-    gradient norm are finite -- and clear the
-    gradients. Returns the loss value, or None when the step was skipped (weights, optimizer moments and
-    importance scores are then exactly as they were)."""
+    gradient norm are finite -- and clear the gradients. Returns the loss value, or None when the step was
+    skipped (weights, optimizer moments and importance scores are then exactly as they were).
+
+    ``sync=False``, for an accelerator and an optimizer that can skip its own update by a device flag (a fused
+    AdamW): the decision stays on the device -- ``optimizer.found_inf`` is set, as a GradScaler does, and the
+    optimizer and EPI skip by it -- and the return value is ``(loss, found_inf)``, two 0-dim device tensors
+    that the caller reads back only when it logs. Reading them at every step would stall the device.
+    """
     loss = loss_fn(batch)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip or float("inf"))
+    if not sync and getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+        try:
+            strategy.observe(batch, loss_fn)
+            strategy.step(optimizer)
+        finally:
+            found_inf = optimizer.__dict__.pop("found_inf")
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), found_inf
     value = loss.item()
     finite = math.isfinite(value) and math.isfinite(norm.item())
     if finite:
