@@ -9,7 +9,8 @@
 | `epi`        | :class:`EPIUpdate`: Evolving Parameter Isolation                                     |
 
 To add a method, write its strategy (an :class:`~epi_mini.strategy.UpdateStrategy`) and add a
-:class:`Method` to :data:`METHODS`; the command line, the config checks and the runner pick it up.
+:class:`Method` to :data:`METHODS` (with a ``label``, the name in words that titles and printouts use);
+the command line, the config checks and the runner pick it up.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -49,22 +50,32 @@ def build_epi(run):
 
 @dataclass(frozen=True)
 class Method:
+    label: str                     # the method in words, for titles and printouts ("full SFT", "EPI")
     help: str                      # one line, shown by --help
     build: Callable                # run -> UpdateStrategy
     replay: bool = True            # False: the schedule's replay is switched off (a strict pipeline)
 
 
 METHODS = {
-    "full": Method("plain SFT: every parameter trained, on the schedule as given", lambda run: PlainUpdate()),
-    "multistage": Method("plain SFT on the same stages run as a strict pipeline (replay switched off)",
+    "full": Method("full SFT", "plain SFT: every parameter trained, on the schedule as given",
+                   lambda run: PlainUpdate()),
+    "multistage": Method("multi-stage SFT",
+                         "plain SFT on the same stages run as a strict pipeline (replay switched off)",
                          lambda run: PlainUpdate(), replay=False),
-    "static": Method("CPI-FT: freeze the core regions (top-rho by probe update magnitude) of earlier stages' tasks",
+    "static": Method("CPI-FT (static isolation)",
+                     "CPI-FT: freeze the core regions (top-rho by probe update magnitude) of earlier stages' tasks",
                      lambda run: CoreRegionPipeline(run, run.cfg.isolation_ratio, run.cfg.probe_steps)),
-    "static-epi": Method("EPI's own score, taken once after warm-up and never refreshed (the control)",
+    "static-epi": Method("static EPI score (control)",
+                         "EPI's own score, taken once after warm-up and never refreshed (the control)",
                          build_epi),
-    "epi": Method("Evolving Parameter Isolation: EMA-of-g^2 importance, top-rho isolated, refreshed every K steps",
-                  build_epi),
+    "epi": Method("EPI", "Evolving Parameter Isolation: EMA-of-g^2 importance, top-rho isolated, refreshed "
+                  "every K steps", build_epi),
 }
+
+
+def method_label(name):
+    """The method in words (``"full"`` -> ``"full SFT"``); an unknown name is returned as it is."""
+    return METHODS[name].label if name in METHODS else name
 
 
 def build_strategy(run):
