@@ -250,7 +250,8 @@ def list_outputs(out, records, since=None, file=None):
     width = max(len(n) for n in names) if names else 0
     print(f"\nwrote {out}/ (every file now in it):", file=file)
     for name in names:
-        earlier = since is not None and os.path.getmtime(Path(out) / name) < since
+        # 2 s of slack: some file systems store modification times to the second
+        earlier = since is not None and os.path.getmtime(Path(out) / name) < since - 2
         print(f"  {name:<{width}}  {describe(name, records)}{' (written before this run)' if earlier else ''}",
               file=file)
 
