@@ -1,30 +1,38 @@
 """``python -m epi_mini``: train one method over several seeds, print the table, save record and plots.
 
-The default demo trains full SFT on the shifting-mixture schedule (the `cpu` preset, 3 seeds), prints the
-final score of every task and the forgetting figures with their spread, and writes to ``runs/<name>/``:
-``seed<N>.json`` (one record per seed), ``seed<N>.pt`` (final weights), ``summary.json``, ``accuracy_matrix.png`` and ``curves.png``.
-Every file is written atomically, so a run that is cut off leaves no half-written output.
+The default demo trains full SFT on the shifting-mixture schedule (the `cpu` preset, 3 seeds), prints one
+line per finished seed, the final score of every task and the forgetting figures with their spread, and
+writes to ``runs/<method>-<schedule>/``: ``options.json`` (what ``--resume`` reads back), ``seed<N>.json``
+(one record per seed), ``seed<N>.pt`` (final weights), ``summary.json``, ``accuracy_matrix.png`` and
+``curves.png``; it ends by listing the folder, one line per file, and what to try next. Every file is
+written atomically, so a run that is cut off leaves no half-written output.
+
+``--resume DIR`` needs no other option: the options saved in ``DIR/options.json`` are used, an unfinished
+seed continues from its checkpoint, and an option repeated with another value is refused, naming it.
 """
 import argparse
+import os
+import shlex
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
-from .checkpoint import CheckpointError, save_json
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, save_json
 from .config import PRESETS, TrainConfig, make_config
 from .data import SCHEDULE_NAMES
 from .epi import IMPORTANCE_SCORES, NORMALIZERS
-from .methods import METHODS
+from .methods import METHODS, method_label
 from .metrics import summarize_seeds
-from .runner import check_run_options, run_seeds
-from .tasks import DataFormatError
+from .runner import OPTIONS_NAME, check_run_options, load_run_options, resume_options, run_options, run_seeds
+from .tasks import BUILTIN_TASKS, DataFormatError
 
 HELP = {
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",
     "block_size": "longest sequence (tokens)", "dropout": "dropout probability, in [0, 1)",
     "schedule": f"task schedule: {', '.join(SCHEDULE_NAMES)}", "steps_per_stage": "training steps per stage",
     "replay": "share of each batch replaying earlier stages' tasks, in [0, 1) (shifting schedule)",
-    "tasks": "task names to train (default: math code logic instruction chat)",
+    "tasks": "task names to train",
     "task_files": "extra JSONL task files, one {\"task\",\"prompt\",\"response\"} object per line",
     "batch_size": "sequences per batch", "learning_rate": "AdamW learning rate",
     "weight_decay": "AdamW decoupled weight decay (matrices and embeddings only)",
@@ -54,6 +62,22 @@ HELP = {
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
     "max_bad_steps": "consecutive non-finite steps tolerated before the run stops",
 }
+# What an empty default means, said in words instead of printing () or ''.
+EMPTY_DEFAULT = {
+    "tasks": f"default: all five families, {' '.join(BUILTIN_TASKS)}",
+    "task_files": "default: none",
+    "gpt2_vocab": "default: none, tiktoken's own cache is used",
+}
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_PRESET = "cpu"
+
+
+def _default_text(f):
+    """The help's default: the cpu preset's value, or what an empty default means."""
+    value = PRESETS[DEFAULT_PRESET].get(f.name, f.default)
+    if value in ((), "", None):
+        return EMPTY_DEFAULT.get(f.name, "default: none")
+    return f"cpu preset: {value!r}"
 
 
 def _mask_interval(text):
@@ -71,15 +95,18 @@ def build_parser():
         prog="python -m epi_mini",
         description="Train a tiny GPT with SFT on a multi-task schedule and report forgetting. "
                     "Options left out take the preset's value.")
-    p.add_argument("--preset", default="cpu", choices=tuple(PRESETS),
+    # preset, seeds and checkpoint interval default to None so that --resume can tell what was repeated.
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="model and schedule size: tiny (tests), cpu (default), gpu")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed (default: 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed (default: 0 1 2)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>-<schedule>)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="save a resumable checkpoint every N steps (0 = never)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save a resumable checkpoint every N steps (default: 0 = never)")
     p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the runs in output folder DIR: finished seeds are kept, others resume "
-                        "from their last checkpoint")
+                   help="continue the run in output folder DIR with the options it was started with (no other "
+                        "option needed): finished seeds are kept, others continue from their last checkpoint. "
+                        "--device, --no-progress and --checkpoint-every may change; another option repeated "
+                        "with a different value is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in fields(TrainConfig):
         if f.name in ("seed", "preset"):
@@ -93,30 +120,81 @@ def build_parser():
                    "cpift_stages": ("grouping", "schedule"), "ema_storage": ("fp32", "bf16", "int8"),
                    "mask_storage": ("index", "bits")}.get(f.name)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, choices=choices,
-                       help=HELP.get(f.name, f.name) + f" (cpu preset: {PRESETS['cpu'].get(f.name, f.default)!r})",
+                       help=HELP.get(f.name, f.name) + f" ({_default_text(f)})",
                        **extra)
     return p
 
 
+METRIC_TEXT = {
+    "average_score": ("average score", "mean final score over the tasks"),
+    "forgetting": ("forgetting", "earlier tasks: best score before the last stage minus final (lower is better)"),
+    "backward_transfer": ("backward transfer", "earlier tasks: final score minus score at the end of their stage"),
+    "plasticity": ("plasticity", "new tasks: score at the end of the stage that introduces them"),
+}
+
+
+def _seeds_text(seeds):
+    return ", ".join(str(s) for s in seeds[:-1]) + f" and {seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
 def print_summary(summary, records, file=None):
+    """The run's table: header, each task's final score, the metrics, and which earlier tasks lost score.
+    One seed: single values (one seed has no spread); several: mean ± sample std over seeds."""
     file = file or sys.stdout
-    fmt = lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
-    cfg = records[0]["config"]
     n = len(records)
-    print(f"\n{cfg['method']} on the {cfg['schedule']} schedule, preset {cfg['preset']}, "
-          f"{n} seed{'s' * (n > 1)} {summary['seeds']} (mean ± std over seeds)", file=file)
-    print(f"{'task':<12} {'final score':>16}", file=file)
+    fmt = (lambda ms: f"{ms[0]:.3f}") if n == 1 else (lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}")  # noqa: E731
+    cfg = records[0]["config"]
+    head = f"\n{method_label(cfg['method'])} on the {cfg['schedule']} schedule ({cfg['preset']} preset)"
+    if n == 1:
+        print(f"{head}, seed {summary['seeds'][0]}\none seed has no spread, so these are single values "
+              "(--seeds 0 1 2 gives a mean and a standard deviation)", file=file)
+    else:
+        print(f"{head}, seeds {_seeds_text(summary['seeds'])}: mean ± std over {n} seeds", file=file)
+    width = 12 if n == 1 else 16
+    print(f"{'task':<12} {'final score':>{width}}", file=file)
     for t, ms in summary["final_scores"].items():
-        print(f"{t:<12} {fmt(ms):>16}", file=file)
+        print(f"{t:<12} {fmt(ms):>{width}}", file=file)
+    never = [t for t in records[0]["tasks"] if all(v == 0 for r in records for v in r["eval_curve"]["scores"][t])]
+    if never:
+        every = " of every seed" if n > 1 else ""
+        print(f"not learned in this run (0 at every evaluation{every}): {', '.join(never)}", file=file)
+        exact = [t for t in never if getattr(BUILTIN_TASKS.get(t), "exact", True)]
+        if exact:
+            one = len(exact) == 1
+            print(f"  {', '.join(exact)} {'is' if one else 'are'} scored by exact match, which gives no credit for a "
+                  f"nearly right answer; longer stages (--steps-per-stage) give {'it' if one else 'them'} more time",
+                  file=file)
     print("", file=file)
     for k, ms in summary["metrics"].items():
-        print(f"{k:<18} {fmt(ms)}", file=file)
-    if summary["forgetting"]:
-        print("\nforgetting per task (best score before the last stage -> final score):", file=file)
-        for t, f in summary["forgetting"].items():
+        name, meaning = METRIC_TEXT.get(k, (k, ""))
+        print(f"{name:<18} {fmt(ms):>{width}}   {meaning}", file=file)
+    if not summary["forgetting"]:
+        print("\nno task was trained before the last stage: nothing could be forgotten", file=file)
+        return
+    lost, kept, unlearned = [], [], []
+    for t, f in summary["forgetting"].items():
+        best, final = f["best_before_last_stage"][0], f["final"][0]
+        if round(best, 3) == 0:
+            unlearned.append(t)
+        elif round(best, 3) > round(final, 3):
+            lost.append((t, f))
+        else:
+            kept.append(f"{t} ({best:.3f} -> {final:.3f})")
+    if lost:
+        print("\nforgetting, tasks that lost score (best score before the last stage -> final score):", file=file)
+        for t, f in lost:
+            drop = f["best_before_last_stage"][0] - f["final"][0]
             halved = sum(f["fell_by_half"])
-            print(f"  {t:<12} {fmt(f['best_before_last_stage'])} -> {fmt(f['final'])}   "
-                  f"fell by at least half in {halved}/{n} seeds", file=file)
+            how = (f"fell by at least half in {halved}/{n} seeds" if n > 1 else
+                   "fell by at least half" if halved else "kept more than half")
+            print(f"  {t:<12} {fmt(f['best_before_last_stage'])} -> {fmt(f['final'])}   lost {drop:.3f}; {how}",
+                  file=file)
+    else:
+        print("\nforgetting: no earlier task lost score", file=file)
+    if kept:
+        print(f"kept or improved: {', '.join(kept)}", file=file)
+    if unlearned:
+        print(f"not learned before the last stage (nothing to forget): {', '.join(unlearned)}", file=file)
 
 
 def config_overrides(args):
@@ -129,30 +207,124 @@ def config_overrides(args):
     return overrides
 
 
+def resolve_options(args, warn=None):
+    """``(options, out)`` for parsed arguments: the options of a new run, or, with ``--resume DIR``, those
+    saved in ``DIR/options.json`` with what the command line may change (see
+    :func:`epi_mini.runner.resume_options`). Raises ``ValueError`` naming the option that is refused.
+    ``warn(line)`` is told when a folder to resume has no saved options (a run from an older epi-mini)."""
+    overrides = config_overrides(args)
+    check_run_options(args.checkpoint_every or 0, args.resume)
+    if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ValueError(f"--out {args.out} differs from --resume {args.resume}: a resumed run writes to the "
+                             "folder it continues; leave --out out")
+        saved = load_run_options(args.resume)
+        if saved is not None:
+            return resume_options(saved, args.preset, args.seeds, overrides, args.checkpoint_every), Path(args.resume)
+        if warn is not None:
+            warn(f"note: {args.resume} has no {OPTIONS_NAME} (a run from an older epi-mini): resuming with the "
+                 "options on this command line, which must be the ones it was started with")
+    options = run_options(args.preset or DEFAULT_PRESET, args.seeds or list(DEFAULT_SEEDS), overrides,
+                          args.checkpoint_every or 0)
+    first = configs_of(options)[0]
+    return options, Path(args.resume or args.out or f"runs/{first.method}-{first.schedule}")
+
+
+def configs_of(options):
+    """One validated config per seed of ``options`` (see :func:`epi_mini.runner.run_options`)."""
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in options["config"].items()}
+    return [make_config(options["preset"], seed=s, **config) for s in options["seeds"]]
+
+
+def describe(name, records):
+    """One line saying what a file of the output folder holds."""
+    stem = name.split("/")[0]
+    if name == OPTIONS_NAME:
+        return "the options this run was started with: --resume reads them back"
+    if name == "summary.json":
+        return "the figures above" + (", mean and std over seeds" if len(records) > 1 else "")
+    if name == "accuracy_matrix.png":
+        return "score on each task after each stage (heatmap)"
+    if name == "curves.png":
+        return "held-out score per task during training, stages marked"
+    if stem.startswith("seed") and name.endswith(".json"):
+        return f"seed {stem[4:-5]}'s record: config, loss and score curves, accuracy matrix, metrics, timing"
+    if stem.startswith("seed") and name.endswith(".pt"):
+        return f"seed {stem[4:-3]}'s final weights (torch.load(path, weights_only=True) gives the state_dict)"
+    if stem.startswith("checkpoint-seed") and name.endswith("/" + CHECKPOINT_NAME):
+        return f"seed {stem[15:]}'s last checkpoint, what --resume continues from (not needed once it finished)"
+    if name.endswith(".tmp"):
+        return "a temporary file left by an interrupted write (safe to delete)"
+    return "not written by epi-mini"
+
+
+def list_outputs(out, records, since=None, file=None):
+    """Print every file in ``out`` with one line on what it holds; files older than ``since`` (a time
+    stamp) are marked as written before this run."""
+    file = file or sys.stdout
+    names = sorted((str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()),
+                   key=lambda n: (n.startswith("checkpoint-"), n.endswith(".png"), n == "summary.json",
+                                  n != OPTIONS_NAME, n))
+    width = max(len(n) for n in names) if names else 0
+    print(f"\nwrote {out}/ (every file now in it):", file=file)
+    for name in names:
+        # 2 s of slack: some file systems store modification times to the second
+        earlier = since is not None and os.path.getmtime(Path(out) / name) < since - 2
+        print(f"  {name:<{width}}  {describe(name, records)}{' (written before this run)' if earlier else ''}",
+              file=file)
+
+
+def next_steps(options, file=None, command="python -m epi_mini"):
+    """Print the next thing to try: the same run with another method (by ``command``), then the course."""
+    file = file or sys.stdout
+    method = options["config"].get("method", "full")
+    other = "static" if method == "epi" else "epi"
+    args = ([] if options["preset"] == DEFAULT_PRESET else ["--preset", options["preset"]])
+    args += [] if list(options["seeds"]) == list(DEFAULT_SEEDS) else ["--seeds", *map(str, options["seeds"])]
+    for k, v in options["config"].items():
+        if k not in ("method", "device"):
+            args += ["--" + k.replace("_", "-"), *(map(str, v) if isinstance(v, (list, tuple)) else [str(v)])]
+    schedule = configs_of(options)[0].schedule
+    print(f"\nnext: {command} {shlex.join(args + ['--method', other])}", file=file)
+    print(f"      trains {method_label(other)} on the same schedule into runs/{other}-{schedule}/, to compare "
+          f"with this {method_label(method)} run", file=file)
+    print("      or start the course: jupyter lab notebooks/00_quickstart.ipynb", file=file)
+
+
+def finish(out, records, options, since=None, file=None, command="python -m epi_mini"):
+    """Write summary.json and the two figures, print the table, the folder's files and the next step."""
+    import numpy as np
+
+    from . import plots
+    summary = summarize_seeds(records)
+    save_json(out / "summary.json", summary)
+    print_summary(summary, records, file=file)
+    cfg = records[0]["config"]
+    label = method_label(cfg["method"])
+    R = np.array([r["accuracy_matrix"] for r in records])
+    stage_names = [s["name"] for s in records[0]["schedule"]["stages"]]
+    several = len(records) > 1
+    title = f"{label}: score on each task after each stage" + (f"\n(mean ± std over {len(records)} seeds)"
+                                                                 if several else f" (seed {cfg['seed']})")
+    plots.save(plots.accuracy_heatmap(R.mean(0), records[0]["tasks"], stage_names, title=title,
+                                      spread=R.std(0, ddof=1) if several else None),
+               out / "accuracy_matrix.png")
+    plots.save(plots.task_curves(records, title=f"{label} on the {cfg['schedule']} schedule: held-out score"),
+               out / "curves.png")
+    list_outputs(out, records, since, file=file)
+    next_steps(options, file=file, command=command)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    overrides = config_overrides(args)
+    since = time.time()
     try:
-        check_run_options(args.checkpoint_every, args.resume)
-        configs = [make_config(args.preset, seed=s, **overrides) for s in args.seeds]
-        out = Path(args.resume or args.out or f"runs/{configs[0].method}-{configs[0].schedule}")
-        records = run_seeds(configs, out, resume=bool(args.resume), checkpoint_every=args.checkpoint_every,
-                            progress=not args.no_progress)
+        options, out = resolve_options(args, warn=lambda line: print(line, file=sys.stderr))
+        configs = configs_of(options)
+        records = run_seeds(configs, out, resume=bool(args.resume), checkpoint_every=options["checkpoint_every"],
+                            progress=not args.no_progress, options=options, log=lambda line: print(line, flush=True))
     except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = summarize_seeds(records)
-    save_json(out / "summary.json", summary)
-    print_summary(summary, records)
-    from . import plots
-    import numpy as np
-    R = np.array([r["accuracy_matrix"] for r in records])
-    stage_names = [s["name"] for s in records[0]["schedule"]["stages"]]
-    plots.save(plots.accuracy_heatmap(R.mean(0), records[0]["tasks"], stage_names, spread=R.std(0, ddof=1)
-                                      if len(records) > 1 else None,
-                                      title=f"{records[0]['config']['method']}: score after each stage"),
-               out / "accuracy_matrix.png")
-    plots.save(plots.task_curves(records), out / "curves.png")
-    print(f"\nwrote {out}/: {', '.join(f'seed{c.seed}.json/.pt' for c in configs)}, summary.json, "
-          "accuracy_matrix.png, curves.png")
+    finish(out, records, options, since)
     return 0

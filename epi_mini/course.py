@@ -1,7 +1,9 @@
 """What the notebooks share, so that a notebook cell reads as the idea it teaches.
 
 * :func:`lesson` -- the settings of the short two-task stream that notebooks 03 to 07 train on (A = ``chat``,
-  then B = ``code`` with 20% replay of A), for a preset, with a notebook's own changes on top;
+  then B = ``code`` with 20% replay of A), for a preset, with a notebook's own changes on top: the data and
+  training settings (:func:`lesson_data`, what every method uses) plus the isolation settings
+  (:data:`LESSON_ISOLATION`, what only the isolation methods read);
 * :func:`run_grid` -- "these methods x these seeds" -> records by label, trained two at a time;
 * :func:`over_seeds_table` -- label -> figure -> mean, spread and per-seed values, from those records.
 """
@@ -9,18 +11,30 @@ from .config import make_config
 from .experiments import run_many
 from .metrics import over_seeds, record_metric
 
-# The two-task stream of notebooks 03-07 on the `cpu` preset, and what the `gpu` preset trains instead.
-LESSONS = {
-    "cpu": dict(schedule="two_task", tasks=("chat", "code"), batch_size=32, steps_per_stage=250, eval_interval=25,
-                warmup_steps=50, probe_steps=50, isolation_ratio=0.3),
-    "gpu": dict(schedule="shifting", isolation_ratio=0.3),
+# The two-task stream of notebooks 03-07 on the `cpu` preset, and what the `gpu` preset trains instead: the
+# data and training settings every method uses ...
+LESSON_DATA = {
+    "cpu": dict(schedule="two_task", tasks=("chat", "code"), batch_size=32, steps_per_stage=250, eval_interval=25),
+    "gpu": dict(schedule="shifting"),
+}
+# ... and the isolation settings, read only by the isolation methods (static = CPI-FT, static-epi, epi):
+# rho, EPI's warm-up and CPI-FT's probe length. Plain SFT (full, multistage) ignores them.
+LESSON_ISOLATION = {
+    "cpu": dict(warmup_steps=50, probe_steps=50, isolation_ratio=0.3),
+    "gpu": dict(isolation_ratio=0.3),
 }
 SEEDS = (0, 1, 2)
 
 
+def lesson_data(preset="cpu", **changes):
+    """The lesson's data and training settings for ``preset`` (what every method uses), ``changes`` on top."""
+    return {**LESSON_DATA[preset], **changes}
+
+
 def lesson(preset="cpu", **changes):
-    """The lesson's config overrides for ``preset``, with ``changes`` on top (a dict for :func:`run_grid`)."""
-    return {**LESSONS[preset], **changes}
+    """The lesson's config overrides for ``preset``, data and isolation settings, with ``changes`` on top (a
+    dict for :func:`run_grid`). For plain SFT, :func:`lesson_data` alone says what the run uses."""
+    return {**LESSON_DATA[preset], **LESSON_ISOLATION[preset], **changes}
 
 
 def run_grid(cells, seeds=SEEDS, preset="cpu", workers=2):

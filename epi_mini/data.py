@@ -2,11 +2,13 @@
 
 A :class:`Schedule` is a list of :class:`Stage` s. Each stage is a weighted mixture of tasks trained for a
 number of steps, plus an optional *replay* fraction: that share of every batch is drawn (uniformly over
-tasks) from the tasks that earlier stages introduced. Four presets echo EPI_SPEC §6:
+tasks) from the tasks that earlier stages introduced. Four presets cover the settings this project
+compares (one reference, two streams that forget, and the paper's regime):
 
 * ``multitask``  -- one stage, all tasks mixed evenly: the interference reference.
 * ``multistage`` -- task groups one stage after another, no replay: the forgetting reference.
-* ``sequential`` -- one task per stage, no replay: the pure sequential stream, where isolation fails.
+* ``sequential`` -- one task per stage, no replay: the pure sequential stream. Nothing in a stage's loss
+  asks the model to keep earlier tasks; full SFT loses them all there (measured in the README).
 * ``shifting``   -- the same groups, but earlier tasks keep flowing: 20% of every batch replays them, so
   the mixture's composition shifts from group to group without ever dropping a task. This is the
   multi-task SFT regime of the paper, where the gradient stream EPI scores still carries every task.

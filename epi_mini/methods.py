@@ -14,7 +14,8 @@ per stage, e.g. ``(0, 0.1, 0.1)``: nothing isolated before the first stage bound
 frozen fraction stage by stage) and, for ``epi``, ``replay_importance`` (:class:`ReplayAwareEPIUpdate`).
 
 To add a method, write its strategy (an :class:`~epi_mini.strategy.UpdateStrategy`) and add a
-:class:`Method` to :data:`METHODS`; the command line, the config checks and the runner pick it up.
+:class:`Method` to :data:`METHODS` (with a ``label``, the name in words that titles and printouts use);
+the command line, the config checks and the runner pick it up.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -140,7 +141,7 @@ def build_cpift(run):
 
 @dataclass(frozen=True)
 class Method:
-    label: str                     # what tables and plots call it
+    label: str                     # the method in words, for titles and printouts ("full SFT", "EPI")
     help: str                      # one line, shown by --help
     build: Callable                # run -> UpdateStrategy
     replay: bool = True            # False: the schedule's replay is switched off (a strict pipeline)
@@ -159,6 +160,11 @@ METHODS = {
     "epi": Method("EPI", "Evolving Parameter Isolation: EMA-of-g^2 importance, top-rho isolated, refreshed every K "
                   "steps", build_epi),
 }
+
+
+def method_label(name):
+    """The method in words (``"full"`` -> ``"full SFT"``); an unknown name is returned as it is."""
+    return METHODS[name].label if name in METHODS else name
 
 
 def build_strategy(run):

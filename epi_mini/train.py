@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, sa
 from .config import TrainConfig
 from .data import MixtureStream, make_schedule
 from .evaluate import evaluate, load_eval_sets
-from .methods import METHODS, build_strategy
+from .methods import METHODS, build_strategy, method_label
 from .metrics import accuracy_matrix, summarize
 from .model import GPT, GPTConfig
 from .strategy import sft_step
@@ -159,13 +159,21 @@ def train(cfg: TrainConfig, **kwargs) -> dict:
     return fit(Run(cfg), **kwargs)
 
 
+def stage_description(prefix, schedule, stage):
+    """The progress bar's text: ``prefix``, then the stage as ``stage i/n name``."""
+    return f"{prefix} | stage {stage + 1}/{len(schedule.stages)} {schedule.stages[stage].name}"
+
+
 def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_every=0, resume=False,
-        on_step=None, log_interval=10) -> dict:
+        on_step=None, log_interval=10, progress_label=None) -> dict:
     """Train ``run`` through its whole schedule and return the record; ``run.model`` holds the result.
 
     ``strategy``: an :class:`~epi_mini.strategy.UpdateStrategy` (default: ``run.make_strategy()``, the one
     ``run.cfg.method`` names). ``on_step(step, run, strategy)`` is called after every optimizer step (e.g. to
-    snapshot importance scores in a notebook).
+    snapshot importance scores in a notebook). The progress bar (``progress``) names the method in words and
+    the current stage; ``progress_label`` replaces the method's part (the runner adds the seed, k of n).
+    With ``resume`` and a checkpoint in ``checkpoint_dir``, training continues from it; checkpoints are
+    written only when ``checkpoint_every`` is set.
     """
     cfg = run.cfg
     strategy = run.make_strategy() if strategy is None else strategy
@@ -182,8 +190,9 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     bar = None
     if progress and run.is_main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=start, desc=f"{cfg.method} on {cfg.schedule}", unit="step",
-                   dynamic_ncols=True, leave=False)
+        label = progress_label or f"{method_label(cfg.method)} on {cfg.schedule}"
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False,
+                   desc=stage_description(label, run.schedule, run.schedule.stage_index(min(start, total - 1))))
     t0 = time.perf_counter()
     for step in range(start, total):
         stage = run.schedule.stage_index(step)
@@ -222,9 +231,11 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
                 record["isolated_fraction"].append(strategy.isolated_fraction())
                 strategy.end_stage(stage)
         if bar is not None:
-            bar.update(1)
+            if stage_end and done < total:
+                bar.set_description(stage_description(label, run.schedule, stage + 1), refresh=False)
             if done % log_interval == 0 and record["loss_curve"]["loss"]:
-                bar.set_postfix(stage=stage + 1, loss=f"{record['loss_curve']['loss'][-1]:.3f}")
+                bar.set_postfix(loss=f"{record['loss_curve']['loss'][-1]:.3f}", refresh=False)
+            bar.update(1)
         if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
             run.write_checkpoint(checkpoint_dir, strategy, {
                 "config": cfg.to_dict(), "step": done, "record": record, "bad_in_a_row": bad_in_a_row,

@@ -113,7 +113,13 @@ def test_truncated_and_mismatched_checkpoints_are_refused(tmp_path, capsys):
     (out / "seed0.json").unlink()                                  # pretend the run did not finish
     ckpt = out / "checkpoint-seed0" / CHECKPOINT_NAME
     good = ckpt.read_bytes()
-    # another model size, another method: refused, naming the field
+    # another model size, another method: refused before any work, naming the option and both values
+    for option, saved in ((["--n-embd", "64"], "32"), (["--method", "static"], "epi")):
+        assert main([*RUN, "--out", str(out), "--resume", str(out), *option]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {' '.join(option)} differs") and f"started with ({saved})" in err
+    # a folder from before options.json was saved: the checkpoint itself refuses another config
+    (out / "options.json").unlink()
     for option, field in ((["--n-embd", "64"], "n_embd"), (["--method", "static"], "method")):
         assert main([*RUN, "--out", str(out), "--resume", str(out), *option]) == 2
         err = capsys.readouterr().err

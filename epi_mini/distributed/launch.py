@@ -1,20 +1,19 @@
 """The command line of the multi-process run: ``torchrun --standalone --nproc_per_node=N -m epi_mini.distributed``.
 
 Every ``python -m epi_mini`` option works (the parser is the same, plus ``--fsdp``, ``--check-sync`` and
-``--backend``); the seeds are trained by the same :func:`~epi_mini.runner.run_seeds`, so the same checks
-apply; rank 0 alone writes files and prints.
+``--backend``); the options are resolved as there (``--resume DIR`` reads ``DIR/options.json``), the seeds
+are trained by the same :func:`~epi_mini.runner.run_seeds`, so the same checks apply, and the run ends as
+there (table, figures, the folder's files, what to try next); rank 0 alone writes files and prints.
 """
 import sys
-from pathlib import Path
+import time
 
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointError, save_json
+from ..checkpoint import CheckpointError
 from ..cli import build_parser as single_process_parser
-from ..cli import config_overrides, print_summary
-from ..config import make_config
-from ..metrics import summarize_seeds
-from ..runner import check_run_options, run_seeds
+from ..cli import configs_of, finish, resolve_options
+from ..runner import run_seeds
 from ..tasks import DataFormatError
 from .ddp import DistributedRun, init_distributed
 from .fsdp import check_fsdp_options
@@ -38,29 +37,26 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    overrides = config_overrides(args)
+    since = time.time()
     try:
-        check_run_options(args.checkpoint_every, args.resume)
-        configs = [make_config(args.preset, seed=s, **overrides) for s in args.seeds]
+        options, out = resolve_options(args)
+        configs = configs_of(options)
         if args.fsdp:
             check_fsdp_options(configs[0].method, configs[0].mask_interval, configs[0].normalizer, args.check_sync)
         rank, _ = init_distributed(args.backend, configs[0].device)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.resume or args.out or f"runs/{configs[0].method}-{configs[0].schedule}")
 
     def annotate(record, run):
         record["distributed"] = {"world_size": run.world_size, "backend": dist.get_backend(), "fsdp": args.fsdp}
     try:
         records = run_seeds(configs, out, lambda cfg: DistributedRun(cfg, fsdp=args.fsdp, check_sync=args.check_sync),
-                            resume=bool(args.resume), checkpoint_every=args.checkpoint_every,
-                            progress=not args.no_progress, annotate=annotate)
+                            resume=bool(args.resume), checkpoint_every=options["checkpoint_every"],
+                            progress=not args.no_progress, annotate=annotate, options=options,
+                            log=(lambda line: print(line, flush=True)) if rank == 0 else None)
         if rank == 0:
-            summary = summarize_seeds(records)
-            save_json(out / "summary.json", summary)
-            print_summary(summary, records)
-            print(f"\nwrote {out}/: seed<N>.json/{'.dcp/' if args.fsdp else '.pt'}, summary.json")
+            finish(out, records, options, since, command="torchrun --standalone --nproc_per_node=N -m epi_mini.distributed")
         dist.barrier()  # leave together: a gloo peer that exits mid-message can abort the others
     except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)

@@ -1,0 +1,178 @@
+"""What a user of ``python -m epi_mini`` sees: the table, one line per seed, the folder's files, the next step,
+``--help``, and ``--resume DIR`` as typed (no other option). Run: python -m pytest tests/test_cli.py -q
+
+The table snapshots are taken from stored records of a tiny run (``tests/snapshots/tiny_records.json``), so
+they do not depend on this machine's floating-point results; the end-to-end tests train for real and check
+the output against the records the run wrote. To rewrite a snapshot after an intended change of the table:
+``EPI_MINI_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_cli.py -q``, then read the diff before committing.
+"""
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from epi_mini.checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint
+from epi_mini.cli import build_parser, main, print_summary
+from epi_mini.metrics import summarize_seeds
+from epi_mini.runner import OPTIONS_NAME, resume_options, run_options
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
+TINY = ["--preset", "tiny", "--no-progress"]
+
+
+def table(records):
+    buffer = io.StringIO()
+    print_summary(summarize_seeds(records), records, file=buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("seeds, name", [((0,), "table_one_seed.txt"), ((0, 1), "table_two_seeds.txt")])
+def test_printed_table_matches_its_snapshot(seeds, name):
+    records = [r for r in json.loads((SNAPSHOTS / "tiny_records.json").read_text()) if r["config"]["seed"] in seeds]
+    printed = table(records)
+    if os.environ.get("EPI_MINI_UPDATE_SNAPSHOTS"):
+        atomic_write_bytes(SNAPSHOTS / name, printed.encode())
+    assert printed == (SNAPSHOTS / name).read_text(), f"the table differs from tests/snapshots/{name}"
+
+
+def _record(rows, first_stage, tasks=("a", "b", "c"), seed=0):
+    curve = {t: [row[j] for row in rows] for j, t in enumerate(tasks)}
+    from epi_mini.metrics import summarize
+    return {"config": {"method": "full", "schedule": "shifting", "preset": "tiny", "seed": seed},
+            "tasks": list(tasks), "first_stage": first_stage, "accuracy_matrix": rows,
+            "metrics": summarize(rows, first_stage), "eval_curve": {"step": [1, 2, 3], "scores": curve}}
+
+
+def test_one_seed_prints_single_values_and_only_tasks_that_lost_score_as_forgotten():
+    # a: learned then lost; b: improved after its stage (0.733 -> 0.742); c: introduced last
+    printed = table([_record([[0.8, 0.733, 0.0], [0.8, 0.733, 0.0], [0.3, 0.742, 0.9]], [0, 0, 2])])
+    assert "±" not in printed and "one seed has no spread" in printed
+    lost = printed.split("tasks that lost score")[1].split("kept or improved")[0]
+    assert "a " in lost and "b " not in lost
+    assert "kept or improved: b (0.733 -> 0.742)" in printed
+    two = table([_record([[0.8, 0.7, 0.0], [0.8, 0.7, 0.0], [0.3, 0.7, 0.9]], [0, 0, 2], seed=s) for s in (0, 1)])
+    assert "mean ± std over 2 seeds" in two and "0.300 ± 0.000" in two
+
+
+def _normalised(text, out):
+    return re.sub(r"done in \d+\.\d s", "done in <t> s", text.replace(str(out), "<out>"))
+
+
+@pytest.mark.parametrize("seeds", [["0"], ["0", "1"]], ids=["one seed", "two seeds"])
+def test_cli_prints_seed_lines_the_table_of_its_records_every_file_and_a_next_step(tmp_path, capsys, seeds):
+    out = tmp_path / "run"
+    assert main([*TINY, "--seeds", *seeds, "--out", str(out), "--checkpoint-every", "50"]) == 0
+    printed = _normalised(capsys.readouterr().out, out)
+    records = [json.loads((out / f"seed{s}.json").read_text()) for s in seeds]
+    lines = printed.splitlines()
+    for k, r in enumerate(records, 1):   # one line per finished seed, before the table
+        assert lines[k - 1] == (f"seed {r['config']['seed']} ({k}/{len(seeds)}) done in <t> s: average score "
+                                f"{r['metrics']['average_score']:.3f}, forgetting {r['metrics']['forgetting']:.3f} "
+                                "over 4 earlier tasks")
+    assert table(records) in printed
+    assert ("±" in printed) == (len(seeds) > 1)
+    listing = printed.split("(every file now in it):\n")[1].split("\n\n")[0].splitlines()
+    listed = {line.split()[0] for line in listing}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert listed == on_disk and {"options.json", "summary.json", "curves.png", "accuracy_matrix.png",
+                                  "checkpoint-seed0/checkpoint.pt", *(f"seed{s}.pt" for s in seeds)} <= on_disk
+    assert not any("not written by epi-mini" in line or "before this run" in line for line in listing)
+    assert f"next: python -m epi_mini --preset tiny --seeds {' '.join(seeds)} --method epi\n" in printed
+
+
+def test_help_says_what_empty_defaults_mean():
+    text = " ".join(build_parser().format_help().split())   # argparse wraps lines; join them back
+    assert "()" not in text and "''" not in text
+    assert "--tasks" in text and "default: all five families, math code logic instruction chat" in text
+
+
+# --- --resume DIR as typed ---------------------------------------------------------------------------------
+KILLED = [*TINY, "--seeds", "0", "--steps-per-stage", "100", "--method", "epi"]
+
+
+def _cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "epi_mini", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _finished(folder):
+    record = json.loads((folder / "seed0.json").read_text())
+    return record, torch.load(folder / "seed0.pt", weights_only=True)
+
+
+def test_resume_with_no_other_option_continues_from_the_checkpoint(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = _cli(*KILLED, "--out", str(whole))
+    assert done.wait() == 0, done.stderr.read()
+    proc = _cli(*KILLED, "--out", str(broken), "--checkpoint-every", "7")
+    ckpt = broken / "checkpoint-seed0" / CHECKPOINT_NAME
+    while not ckpt.exists():
+        assert proc.poll() is None, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (broken / "seed0.json").exists(), "the run finished before it was killed; lengthen it"
+    assert json.loads((broken / OPTIONS_NAME).read_text())["checkpoint_every"] == 7
+    resumed = _cli("--resume", str(broken))          # as a user types it: nothing else
+    stdout, stderr = resumed.communicate()
+    assert resumed.returncode == 0, stderr
+    (rec_a, w_a), (rec_b, w_b) = _finished(whole), _finished(broken)
+    start = rec_b["timing"]["resumed_at_step"]
+    assert start > 0 and start % 7 == 0
+    assert f"resumed from its checkpoint at step {start}" in stdout
+    assert {k: v for k, v in rec_a.items() if k != "timing"} == {k: v for k, v in rec_b.items() if k != "timing"}
+    assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    if start + 7 < 300:   # checkpoints went on at the saved interval although --checkpoint-every was left out
+        assert load_checkpoint(broken / "checkpoint-seed0")["step"] > start
+
+
+def test_resume_refuses_an_option_repeated_with_another_value_naming_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--seeds", "0", "--steps-per-stage", "10", "--method", "epi", "--out", str(out)]) == 0
+    (out / "seed0.json").unlink()                     # pretend it did not finish
+    capsys.readouterr()
+    for option, saved in ((["--method", "full"], "epi"), (["--steps-per-stage", "20"], "10"),
+                          (["--seeds", "0", "1"], "0"), (["--preset", "cpu"], "tiny"), (["--n-layer", "3"], "2")):
+        assert main(["--resume", str(out), *option]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {' '.join(option)} differs from the value")
+        assert f"started with ({saved})" in err and f"leave {option[0]} out" in err
+    assert not (out / "seed0.json").exists()          # refused before any work
+    assert main(["--resume", str(out), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_resume_options_keep_the_saved_ones_and_allow_only_where_and_how_often():
+    saved = run_options("tiny", [0, 1], {"method": "epi", "tasks": ("math", "code")}, checkpoint_every=7)
+    same = resume_options(saved, "tiny", [0, 1], {"method": "epi", "tasks": ("math", "code"), "n_layer": 2})
+    assert same == saved                              # repeating the same values changes nothing
+    moved = resume_options(saved, overrides={"device": "cpu"}, checkpoint_every=3)
+    assert moved["config"]["device"] == "cpu" and moved["checkpoint_every"] == 3
+    assert resume_options(saved)["checkpoint_every"] == 7
+    with pytest.raises(ValueError, match=r"--tasks math differs .* started with \(math code\)"):
+        resume_options(saved, overrides={"tasks": ("math",)})
+
+
+def test_nbconvert_outputs_are_neither_collected_nor_committed(tmp_path):
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    notebook = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
+                           "source": ["1 + 1"]}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    for name in ("lesson.ipynb", "lesson.nbconvert.ipynb"):
+        (tmp_path / "notebooks").mkdir(exist_ok=True)
+        (tmp_path / "notebooks" / name).write_text(json.dumps(notebook))
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "--nbval-lax", "-p",
+                           "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "lesson.ipynb" in done.stdout and "nbconvert" not in done.stdout
+    ignored = subprocess.run(["git", "check-ignore", "-q", "notebooks/00_quickstart.nbconvert.ipynb"], cwd=ROOT)
+    assert ignored.returncode == 0, ".gitignore does not ignore *.nbconvert.ipynb"
