@@ -48,7 +48,7 @@ def tiny_gpt2():
 
 def make_trainer(out, callbacks, max_steps=20, **args):
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=16,
-                             learning_rate=3e-3, logging_steps=5, save_steps=10, report_to=[], disable_tqdm=True,
+                             learning_rate=1e-2, logging_steps=5, save_steps=10, report_to=[], disable_tqdm=True,
                              seed=0, use_cpu=True, **args)
     return Trainer(model=tiny_gpt2(), args=args, train_dataset=Progressions(), callbacks=callbacks)
 
@@ -138,6 +138,9 @@ def test_resuming_without_epi_state_is_refused_instead_of_restarting_warm_up(tmp
     (tmp_path / "checkpoint-10" / EPI_STATE_NAME).unlink()                          # a checkpoint from before EPI
     with pytest.raises(FileNotFoundError, match="resumed at step 10, but no EPI state was found"):
         make_trainer(tmp_path, [EPICallback(**EPI_OPTIONS)]).train(resume_from_checkpoint=True)
+    shutil.copy(source.parent / "checkpoint-20" / EPI_STATE_NAME, tmp_path / "checkpoint-10")   # another step's
+    with pytest.raises(ValueError, match="saved at step 20, but the Trainer resumed at step 10"):
+        make_trainer(tmp_path, [EPICallback(**EPI_OPTIONS)]).train(resume_from_checkpoint=True)
     elsewhere = tmp_path / "copied"                                                 # a checkpoint moved elsewhere
     shutil.copytree(source, elsewhere)
     epi = EPICallback(**EPI_OPTIONS, resume_from=elsewhere)
@@ -156,7 +159,7 @@ def test_the_logs_and_the_checkpoints_carry_the_epi_state(uninterrupted):
         last = by_step[max(s for s in by_step if s <= line["step"])]
         assert line.get("epi/jaccard_previous") == last["jaccard_previous"]         # None -> absent
     assert 0 < lines[-1]["epi/jaccard_previous"] < 1
-    assert lines[-1]["loss"] < 0.9 * lines[0]["loss"]                                # and it learned
+    assert lines[-1]["loss"] < 0.85 * lines[0]["loss"]                               # and it learned
     saved = torch.load(Path(trainer.args.output_dir) / "checkpoint-10" / EPI_STATE_NAME, weights_only=True)
     assert saved["global_step"] == 10 and [h["step"] for h in saved["isolation"]["history"]] == [6]
 
