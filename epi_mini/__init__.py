@@ -12,6 +12,7 @@ Read the files in the order of the course:
 7. ``methods.py`` (every method by name), ``experiments.py`` (the protocols over seeds), ``course.py``
    (what the notebooks share);
 8. ``cli.py``, ``runner.py``, ``config.py``, ``checkpoint.py``, ``plots.py`` (the command line and its
-   runs); ``distributed/`` (several processes).
+   runs); ``distributed/`` (several processes); ``hf.py`` (EPI inside Hugging Face's ``Trainer``; needs the
+   optional extra ``hf``, and is the only module that imports transformers).
 """
 __version__ = "0.1.0"

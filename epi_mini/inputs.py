@@ -16,6 +16,7 @@ when, is in :func:`check_optimizer` and :func:`check_gradient`; the method's own
 """
 import torch
 
+
 def canonical_name(name):
     """The parameter's name without the ``_orig_mod.`` that ``torch.compile`` inserts."""
     return name.replace("_orig_mod.", "")
@@ -59,6 +60,22 @@ def check_optimizer(managed, optimizer):
         raise ValueError(f"the optimizer holds only some of the managed parameters; it lacks {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}: pass the isolation only the (name, parameter) pairs "
                          "this optimizer steps, or give the optimizer all of them")
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer that takes the step: ``optimizer`` itself, or the one a wrapper holds as
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, which the Hugging Face Trainer steps). Step hooks
+    registered on such a wrapper never run (it never calls ``torch.optim.Optimizer.__init__``), and the
+    wrapper's ``step`` may rightly skip the inner one (a GradScaler overflow, a gradient-accumulation micro-batch),
+    so the masked step belongs on the inner optimizer. Raise ``TypeError`` for anything else."""
+    inner = optimizer
+    while "_optimizer_step_pre_hooks" not in vars(inner) and isinstance(getattr(inner, "optimizer", None),
+                                                                        torch.optim.Optimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer) or "_optimizer_step_pre_hooks" not in vars(inner):
+        raise TypeError(f"EPI masks a step through torch.optim.Optimizer's step hooks; {type(optimizer).__name__} is "
+                        "not a torch optimizer and holds none as .optimizer: pass the torch optimizer it wraps")
+    return inner
 
 
 def check_gradient(name, grad):

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from .compact import pack_bits, unpack_bits
-from .inputs import canonical_name, check_optimizer, named_trainable
+from .inputs import canonical_name, check_optimizer, named_trainable, unwrap_optimizer
 
 
 def indices_to_masks(indices, like):
@@ -107,7 +107,9 @@ class MaskedUpdate:
         return self._taken
 
     def attach(self, optimizer):
-        """Mask every ``optimizer.step()`` from now on (until :meth:`detach`, or the end of a ``with`` block)."""
+        """Mask every ``optimizer.step()`` from now on (until :meth:`detach`, or the end of a ``with`` block).
+        A wrapper such as accelerate's ``AcceleratedOptimizer`` is attached through the torch optimizer it wraps."""
+        optimizer = unwrap_optimizer(optimizer)
         if self._hooks:
             raise RuntimeError("this isolation is already attached to an optimizer: call optimizer.step(), which is "
                                "masked, not isolation.step(optimizer); or detach() first")

@@ -1,6 +1,7 @@
 """EPI in loops and models the project did not write: optimizer hooks, mixed precision, closures, memory
 layouts, and the misuses that used to fail silently. Run: python -m pytest tests/test_epi_in_your_loop.py -q"""
 import copy
+import types
 import warnings
 
 import pytest
@@ -223,3 +224,30 @@ def test_state_saved_under_torch_compile_names_loads_into_the_plain_module_and_b
     c = epi_for(compiled)
     c.load_state_dict(b.state_dict())               # plain -> compiled
     assert c.history == a.history and copy.deepcopy(c.num_steps) == 1
+
+
+def test_a_wrapped_optimizer_is_attached_through_the_one_it_wraps_and_a_non_optimizer_is_refused():
+    class Wrapper(torch.optim.Optimizer):  # like accelerate's AcceleratedOptimizer: no Optimizer.__init__ of its own
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    model = encoder()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    epi = epi_for(model, warmup_steps=0, mask_interval=1)
+    with epi.attach(Wrapper(inner)) as attached:
+        assert attached is epi and len(inner._optimizer_step_pre_hooks) == 1
+        x, y = batch(0)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        before = snapshot(model)
+        Wrapper(inner).step()
+        assert epi.num_steps == 1
+        assert_isolated_unmoved(epi, before, model)
+    with pytest.raises(TypeError, match="SimpleNamespace is not a torch optimizer"):
+        epi.attach(types.SimpleNamespace(param_groups=inner.param_groups, step=inner.step))

@@ -15,6 +15,7 @@ LAYERS = [
     "compact", "inputs", "isolation", "epi", "adaptive", "drift",         # the method and its measurements
     "strategy", "baselines", "methods",                                   # update strategies, by name
     "config", "checkpoint", "plots", "train", "runner",                   # the training loop and its runs
+    "hf",                                                                 # EPI in Hugging Face's Trainer (optional)
     "experiments", "course", "cli",                                       # protocols, notebooks, command line
     "distributed.comm", "distributed.selection", "distributed.fsdp", "distributed.checkpoint", "distributed.ddp",
     "distributed.launch",
