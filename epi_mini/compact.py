@@ -82,10 +82,8 @@ class BlockwiseEMA8:
         tensor, 1 to update, 0 to leave everything exactly as it was (a skipped step, decided on the device)."""
         v = self.dequantize()
         for n, part in self._slices(v).items():
-            if n in increments and keep is None:
+            if n in increments:  # (a non-finite increment with keep = 0 is computed, then dropped below)
                 part.mul_(beta).add_(increments[n].to(torch.float32), alpha=1 - beta)
-            elif n in increments:
-                part.lerp_(increments[n].to(torch.float32), (1 - beta) * keep)
         old = (self.codes, self.scales)
         blocks = v.view(-1, self.block)
         self.scales = blocks.amax(1)

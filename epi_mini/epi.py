@@ -234,23 +234,23 @@ class EvolvingIsolation(MaskedUpdate):
         return True
 
     def _update_ema(self, grads, keep=None):
-        """``I <- beta I + (1 - beta) score(theta, g)``; with ``keep`` (0-dim device tensor), only where it is 1.
-        A parameter without a gradient keeps its score (and the optimizer skips it too)."""
-        if keep is not None:  # decided on the device: a non-finite increment is zeroed, then gated out
-            increments = {n: torch.nan_to_num(self.importance(self._tensor(n), g), 0.0, 0.0, 0.0) for n, g in grads}
-            if self._ema8 is not None:
-                return self._ema8.update(increments, self.ema_beta, keep)
-            for n, inc in increments.items():
-                self._scores[n].lerp_(inc.to(self._scores[n].dtype), (1 - self.ema_beta) * keep)
-        elif self._ema8 is not None:
-            self._ema8.update({n: self.importance(self._tensor(n), g) for n, g in grads}, self.ema_beta)
-        elif self.importance is squared_gradient and grads and self._scores[grads[0][0]].dtype == grads[0][1].dtype:
+        """``I <- beta I + (1 - beta) score(theta, g)``; with ``keep`` (0-dim device tensor), only where it is 1:
+        the update goes to a copy, kept or dropped on the device. A parameter without a gradient keeps its score."""
+        if self._ema8 is not None:
+            return self._ema8.update({n: self.importance(self._tensor(n), g) for n, g in grads}, self.ema_beta, keep)
+        old = {n: self._scores[n] for n, _ in grads}
+        if keep is not None:
+            self._scores.update({n: s.clone() for n, s in old.items()})
+        if self.importance is squared_gradient and grads and self._scores[grads[0][0]].dtype == grads[0][1].dtype:
             emas, gs = [self._scores[n] for n, _ in grads], [g for _, g in grads]
             torch._foreach_mul_(emas, self.ema_beta)  # fused over all tensors: the common case, fast
             torch._foreach_addcmul_(emas, gs, gs, value=1 - self.ema_beta)
         else:
             for n, g in grads:
                 self._scores[n].lerp_(self.importance(self._tensor(n), g).to(self._scores[n].dtype), 1 - self.ema_beta)
+        if keep is not None:
+            for n, was in old.items():
+                self._scores[n] = was.copy_(torch.where(keep > 0, self._scores[n], was))
 
     @property
     def scores(self):

@@ -145,14 +145,15 @@ class GPT(nn.Module):
         mask = loss_mask.reshape(-1).to(token_loss.dtype)
         return logits, (token_loss * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8):
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases or LayerNorms."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=False):
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases or LayerNorms.
+        ``fused``: one fused kernel per step (a GPU's choice; it also skips a step on a device-side flag)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, end_token=None):

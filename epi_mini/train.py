@@ -77,7 +77,9 @@ class Run:
         self.model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.tokenizer.vocab_size,
                                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                    dropout=cfg.dropout)).to(self.device)
-        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate)
+        # Fused AdamW on a GPU: faster, and it can skip a non-finite step on the device (see StepLog).
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                                         fused=self.device.type == "cuda")
         # Distributed training (epi_mini.distributed) sets these: this process's slice of every global
         # batch, the module that runs forward/backward (a DDP wrapper), and whether it writes outputs.
         self.rank, self.world_size, self.forward_model, self.is_main = 0, 1, self.model, True
@@ -164,8 +166,56 @@ def stage_description(prefix, schedule, stage):
     return f"{prefix} | stage {stage + 1}/{len(schedule.stages)} {schedule.stages[stage].name}"
 
 
+class StepLog:
+    """The loop's running loss and its count of skipped (non-finite) steps.
+
+    On the CPU every step's loss is read as a Python number, as it always was. On an accelerator
+    (``sync=False``) each step leaves two device tensors -- its loss, and whether it was skipped -- and they
+    are read back together only when the loop logs or checkpoints: a read at every step would make the host
+    wait for the device at every step. A run of more than ``max_bad`` skipped steps in a row is then noticed
+    up to ``log_interval`` steps late, which changes nothing: a skipped step moves nothing.
+    """
+
+    def __init__(self, running, bad_in_a_row, max_bad, sync=True):
+        self.running, self.bad_in_a_row, self.max_bad, self.sync = list(running), bad_in_a_row, max_bad, sync
+        self.pending, self.new_bad = [], 0
+
+    def add(self, outcome, step, learning_rate):
+        if not self.sync:
+            self.pending.append(outcome)
+            return
+        if outcome is not None:
+            self.bad_in_a_row = 0
+            self.running.append(outcome)
+            return
+        self.new_bad += 1
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row > self.max_bad:
+            raise TrainingDiverged(
+                f"{self.bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at step {step}, "
+                f"learning_rate={learning_rate}); the weights were left at their last finite values. "
+                "Lower --learning-rate or raise --max-bad-steps.")
+
+    def settle(self, step, learning_rate):
+        """Read the device's pending outcomes back (one transfer) and count them as the CPU path does."""
+        if self.pending:
+            rows = torch.stack([torch.stack(o) for o in self.pending]).tolist()  # [[loss, skipped], ...]
+            self.pending, self.sync = [], True
+            try:
+                for loss, skipped in rows:
+                    self.add(None if skipped else loss, step, learning_rate)
+            finally:
+                self.sync = False
+
+    def take_mean(self):
+        """The mean loss of the finite steps since the last call (None if there were none)."""
+        mean = sum(self.running) / len(self.running) if self.running else None
+        self.running = []
+        return mean
+
+
 def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_every=0, resume=False,
-        on_step=None, log_interval=10, progress_label=None) -> dict:
+        on_step=None, log_interval=10, progress_label=None, sync=None) -> dict:
     """Train ``run`` through its whole schedule and return the record; ``run.model`` holds the result.
 
     ``strategy``: an :class:`~epi_mini.strategy.UpdateStrategy` (default: ``run.make_strategy()``, the one
@@ -173,7 +223,8 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     snapshot importance scores in a notebook). The progress bar (``progress``) names the method in words and
     the current stage; ``progress_label`` replaces the method's part (the runner adds the seed, k of n).
     With ``resume`` and a checkpoint in ``checkpoint_dir``, training continues from it; checkpoints are
-    written only when ``checkpoint_every`` is set.
+    written only when ``checkpoint_every`` is set. ``sync`` (default: on the CPU only) reads every step's loss
+    back at once; without it, a fused optimizer skips non-finite steps on the device (:class:`StepLog`).
     """
     cfg = run.cfg
     strategy = run.make_strategy() if strategy is None else strategy
@@ -194,32 +245,26 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False,
                    desc=stage_description(label, run.schedule, run.schedule.stage_index(min(start, total - 1))))
     t0 = time.perf_counter()
+    log = StepLog(running, bad_in_a_row, cfg.max_bad_steps, run.device.type == "cpu" if sync is None else sync)
     for step in range(start, total):
         stage = run.schedule.stage_index(step)
         if step == 0 or step in boundaries:
             strategy.begin_stage(stage)
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
-        loss = sft_step(run.loss_on, run.batch(step), run.model.parameters(), run.optimizer, strategy, cfg.grad_clip)
-        if loss is not None:
-            bad_in_a_row = 0
-            running.append(loss)
-        else:  # skipped: weights, optimizer moments and importance scores stayed as they were
-            record["bad_steps"] += 1
-            bad_in_a_row += 1
-            if bad_in_a_row > cfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last at step {step}, "
-                    f"learning_rate={cfg.learning_rate}); the weights were left at their last finite values. "
-                    "Lower --learning-rate or raise --max-bad-steps.")
+        # A skipped (non-finite) step leaves weights, optimizer moments and importance scores as they were.
+        log.add(sft_step(run.loss_on, run.batch(step), run.model.parameters(), run.optimizer, strategy,
+                         cfg.grad_clip, sync=log.sync), step, cfg.learning_rate)
         record["frozen_step_sum"][stage] += strategy.isolated_fraction()
         if on_step is not None:
             on_step(step, run, strategy)
         done = step + 1
-        if running and (done % log_interval == 0 or done == total):
-            record["loss_curve"]["step"].append(done)
-            record["loss_curve"]["loss"].append(sum(running) / len(running))
-            running = []
+        if done % log_interval == 0 or done == total:
+            log.settle(step, cfg.learning_rate)
+            mean = log.take_mean()
+            if mean is not None:
+                record["loss_curve"]["step"].append(done)
+                record["loss_curve"]["loss"].append(mean)
         stage_end = done in boundaries
         if done % cfg.eval_interval == 0 or stage_end:
             scores = run.evaluate()
@@ -236,10 +281,15 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
             if done % log_interval == 0 and record["loss_curve"]["loss"]:
                 bar.set_postfix(loss=f"{record['loss_curve']['loss'][-1]:.3f}", refresh=False)
             bar.update(1)
+        record["bad_steps"] += log.new_bad
+        log.new_bad = 0
         if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
+            log.settle(step, cfg.learning_rate)
+            record["bad_steps"] += log.new_bad
+            log.new_bad = 0
             run.write_checkpoint(checkpoint_dir, strategy, {
-                "config": cfg.to_dict(), "step": done, "record": record, "bad_in_a_row": bad_in_a_row,
-                "running_losses": running, "torch_rng": torch.get_rng_state()})
+                "config": cfg.to_dict(), "step": done, "record": record, "bad_in_a_row": log.bad_in_a_row,
+                "running_losses": log.running, "torch_rng": torch.get_rng_state()})
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0

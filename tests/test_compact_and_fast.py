@@ -129,3 +129,28 @@ def test_the_step_without_host_sync_reads_nothing_back_and_skips_a_nonfinite_ste
     assert all(torch.equal(before[2][n], s) for n, s in epi.scores.items())
     # The same step with the host-synchronised path skips it as well: both forms agree.
     assert sft_step(poisoned, run.batch(4), run.model.parameters(), run.optimizer, PlainUpdate(), 1.0) is None
+
+
+def test_the_loop_without_host_sync_gives_the_record_of_the_loop_with_it():
+    """fit(sync=False) -- what an accelerator runs -- against fit(sync=True) on the CPU, both with fused AdamW:
+    the very same record, for plain SFT with a poisoned step (skipped and counted either way; losses are read
+    back in batches instead of one by one) and for EPI (its EMA update, gated on the device, rounds exactly as
+    the host-checked one). One difference is by design: EPI counts a step skipped on the device in its own
+    step count (the host never learns of it), so a poisoned step shifts its refresh times by one."""
+    from epi_mini.train import fit
+
+    def run_once(method, sync, poisoned_call=None):
+        run = Run(make_config("tiny", method=method, device="cpu", steps_per_stage=15, warmup_steps=3,
+                              mask_interval=4, eval_interval=15))
+        run.optimizer = run.model.configure_optimizers(run.cfg.weight_decay, run.cfg.learning_rate, fused=True)
+        calls = {"n": 0}
+
+        def poison(module, args, output):
+            calls["n"] += 1
+            return (output[0], output[1] * float("nan")) if calls["n"] == poisoned_call else output
+        run.model.register_forward_hook(poison)
+        record = fit(run, progress=False, sync=sync)
+        return {k: v for k, v in record.items() if k != "timing"}
+    a, b = run_once("full", True, poisoned_call=7), run_once("full", False, poisoned_call=7)
+    assert a == b and a["bad_steps"] == 1
+    assert run_once("epi", True) == run_once("epi", False)
