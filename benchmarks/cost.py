@@ -28,7 +28,8 @@ from epi_mini.strategy import PlainUpdate
 from epi_mini.train import Run
 
 MODES = {"default": dict(), "bf16 + bits": dict(ema_storage="bf16", mask_storage="bits"),
-         "compact (int8 + bits)": dict(ema_storage="int8", mask_storage="bits")}
+         "compact (int8 + gaps)": dict(ema_storage="int8", mask_storage="gaps"),
+         "int8 + bits": dict(ema_storage="int8", mask_storage="bits")}
 
 
 def state_table(model):
@@ -50,7 +51,7 @@ def step_table(preset, steps, repeats, device="cpu"):
     makers = {"AdamW (plain)": lambda m: PlainUpdate(),
               **{f"EPI K={k} {mode}": (lambda kw, k: lambda m: EvolvingIsolation(
                   m, isolation_ratio=0.1, mask_interval=k, warmup_steps=0, **kw))(kw, k)
-                 for mode, kw in MODES.items() if mode != "bf16 + bits" for k in (50, 1)}}
+                 for mode, kw in MODES.items() if mode in ("default", "compact (int8 + gaps)") for k in (50, 1)}}
     ratios = {name: [] for name in makers}
     medians = {name: [] for name in makers}
     for _ in range(repeats):

@@ -54,7 +54,8 @@ HELP = {
     "cpift_tau": "static (CPI-FT): core overlap (Jaccard) that puts two tasks in one group",
     "cpift_fusion": "static (CPI-FT): transplant cores and SLERP-merge the probes before training (true/false)",
     "ema_storage": "EPI's importance EMA: fp32 (4 bytes a parameter), bf16 (2) or int8 (1.016)",
-    "mask_storage": "EPI's isolated set: index (int32 indices, fastest) or bits (1/8 byte a parameter)",
+    "mask_storage": "EPI's isolated set: index (int32 indices: 4 rho bytes a parameter, fastest), gaps (about rho "
+                    "bytes) or bits (1/8 byte)",
     "isolation_schedule": "EPI-family: one rho per stage, e.g. 0 0.1 0.1 (default: --isolation-ratio throughout)",
     "replay_importance": "EPI variant: rank entries also by the replayed rows' own gradient EMA (true/false)",
     "tokenizer": "bytes (default, offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
@@ -118,7 +119,7 @@ def build_parser():
         choices = {"method": tuple(METHODS), "schedule": SCHEDULE_NAMES, "normalizer": NORMALIZERS,
                    "importance": tuple(IMPORTANCE_SCORES), "tokenizer": ("bytes", "gpt2"),
                    "cpift_stages": ("grouping", "schedule"), "ema_storage": ("fp32", "bf16", "int8"),
-                   "mask_storage": ("index", "bits")}.get(f.name)
+                   "mask_storage": ("index", "gaps", "bits")}.get(f.name)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, choices=choices,
                        help=HELP.get(f.name, f.name) + f" ({_default_text(f)})",
                        **extra)

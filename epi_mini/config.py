@@ -44,7 +44,7 @@ class TrainConfig:
     normalizer: str = "mean"
     importance: str = "squared_gradient"
     ema_storage: str = "fp32"        # EPI's importance EMA: "fp32", "bf16" or "int8" (8 bits + a scale per block)
-    mask_storage: str = "index"      # EPI's isolated set: "index" (int32 indices) or "bits" (1 bit per parameter)
+    mask_storage: str = "index"      # EPI's isolated set: "index" (int32), "gaps" (~1 byte each) or "bits" (1 bit/param)
     isolation_schedule: tuple = ()   # EPI-family: one rho per stage (() = isolation_ratio throughout)
     replay_importance: bool = False  # EPI variant: a second EMA fed by the replayed rows' own gradient
     # CPI-FT (method "static")
@@ -89,7 +89,7 @@ class TrainConfig:
         in_range("cpift_tau", 0, 1, hi_open=False)
         check("cpift_stages", self.cpift_stages in ("grouping", "schedule"), "'grouping' or 'schedule'")
         check("ema_storage", self.ema_storage in ("fp32", "bf16", "int8"), "'fp32', 'bf16' or 'int8'")
-        check("mask_storage", self.mask_storage in ("index", "bits"), "'index' or 'bits'")
+        check("mask_storage", self.mask_storage in ("index", "gaps", "bits"), "'index', 'gaps' or 'bits'")
         for name in ("replay_importance", "cpift_fusion"):
             check(name, isinstance(getattr(self, name), bool), "True or False")
         check("isolation_schedule", isinstance(self.isolation_schedule, (tuple, list)) and all(

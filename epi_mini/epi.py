@@ -285,7 +285,7 @@ class EvolvingIsolation(MaskedUpdate):
         """Bytes of EPI state: {"ema", "mask", "total", "per_param"}. The EMA costs 4 bytes per parameter (fp32)
         or 2 (``ema_storage="bf16"``: needs beta <= 0.99, as bf16's 8-bit mantissa cannot absorb smaller
         increments) or 1.016 (``"int8"``, :class:`~epi_mini.compact.BlockwiseEMA8`); the isolated set 4*rho
-        (int32 indices, ``mask_storage="index"``, fastest) or 1/8 (packed bits, unpacked at every step). A refresh
+        (int32 indices, ``mask_storage="index"``, fastest), about rho (``"gaps"``) or 1/8 (``"bits"``). A refresh
         also needs a transient N-float buffer (not counted)."""
         ema = self._ema8.nbytes if self._ema8 else sum(s.numel() * s.element_size() for s in self._scores.values())
         mask = sum(t.numel() * t.element_size() for t in self._stored.values())

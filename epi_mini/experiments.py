@@ -80,7 +80,7 @@ def controls_cells():
             Cell("EPI, nothing isolated in stage 1", dict(method="epi", isolation_schedule=(0.0, 0.1, 0.1))),
             Cell("EPI, replay-aware importance", dict(method="epi", replay_importance=True)),
             Cell("EPI, beta = 0.999", dict(method="epi", ema_beta=0.999)),
-            Cell("EPI, 8-bit importance", dict(method="epi", ema_storage="int8", mask_storage="bits"))]
+            Cell("EPI, 8-bit importance", dict(method="epi", ema_storage="int8", mask_storage="gaps"))]
 
 
 def pareto_cells():

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from .compact import pack_bits, unpack_bits
+from .compact import pack_bits, pack_gaps, unpack_bits, unpack_gaps
 from .inputs import canonical_name, check_optimizer, named_trainable, unwrap_optimizer
 
 
@@ -50,10 +50,10 @@ class MaskedUpdate:
 
     def __init__(self, params, mask_storage="index"):
         self.params, self._frozen = named_trainable(params)
-        if mask_storage not in ("index", "bits"):
-            raise ValueError(f"invalid mask_storage={mask_storage!r}: must be 'index' or 'bits'")
+        if mask_storage not in ("index", "bits", "gaps"):
+            raise ValueError(f"invalid mask_storage={mask_storage!r}: must be 'index', 'bits' or 'gaps'")
         self.mask_storage = mask_storage
-        self._stored = {}  # name -> int32 indices ("index") or packed uint8 bits ("bits"); absent = none
+        self._stored = {}  # name -> int32 indices, or uint8 codes (bits or gaps, see compact.py); absent = none
         self._fraction = 0.0  # isolated share of all entries; None = to be recounted
         self._hooks, self._saved, self._checked, self._taken = [], None, None, True
 
@@ -70,15 +70,32 @@ class MaskedUpdate:
         for n, idx in indices.items():
             if idx.numel() == 0:
                 continue
-            self._stored[n] = idx if self.mask_storage == "index" else pack_bits(idx, self._tensor(n).numel())
+            if self.mask_storage == "index":
+                self._stored[n] = idx
+            else:
+                self._stored[n] = pack_gaps(idx) if self.mask_storage == "gaps" else pack_bits(idx, self._tensor(n).numel())
 
     def _indices(self, name):
         stored = self._stored[name]
+        if self.mask_storage == "gaps":
+            return unpack_gaps(stored)
         return stored if self.mask_storage == "index" else unpack_bits(stored, self._tensor(name).numel())
 
     def isolated_indices(self):
-        """name -> sorted int32 flat indices of the isolated entries (tensors with none are absent)."""
-        return {n: self._indices(n) for n in self._stored}
+        """name -> sorted flat indices of the isolated entries (tensors with none are absent)."""
+        if self.mask_storage != "gaps" or not self._stored:
+            return {n: self._indices(n) for n in self._stored}
+        # Every tensor's gaps in one decode (a handful of operations instead of a handful per tensor): decoded as
+        # one stream, a tensor's indices come out shifted by the byte sum and the count of the tensors before it.
+        names, lengths = list(self._stored), [c.numel() for c in self._stored.values()]
+        codes = torch.cat([self._stored[n] for n in names])
+        running, ends = torch.cumsum(codes, 0, dtype=torch.int64), codes != 255
+        decoded = running[ends] + torch.arange(int(ends.sum()), device=codes.device)
+        last = torch.tensor(lengths, device=codes.device).cumsum(0) - 1          # each tensor's last byte
+        count = ends.cumsum(0)[last]                                           # indices up to each tensor's end
+        shift = torch.cat([torch.zeros(1, dtype=torch.int64, device=codes.device), (running[last] + count)[:-1]])
+        return {n: part - s for n, part, s in zip(names, decoded.split(torch.diff(count, prepend=count[:1] * 0).tolist()),
+                                                   shift)}
 
     @property
     def isolated(self):
@@ -152,7 +169,8 @@ class MaskedUpdate:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-        self._saved = [(t, i, t.take(i)) for t, i in ((self._tensor(n), self._indices(n).long()) for n in self._stored)]
+        self._saved = [(self._tensor(n), i, self._tensor(n).take(i)) for n, i in
+                       ((n, i.long()) for n, i in self.isolated_indices().items())]
 
     @torch.no_grad()
     def _restore(self):
