@@ -16,7 +16,7 @@ LAYERS = [
     "strategy", "baselines", "methods",                                   # update strategies, by name
     "config", "checkpoint", "plots", "train", "runner",                   # the training loop and its runs
     "hf",                                                                 # EPI in Hugging Face's Trainer (optional)
-    "experiments", "course", "cli",                                       # protocols, notebooks, command line
+    "experiments", "report", "course", "cli",                             # protocols, their report, notebooks, CLI
     "distributed.comm", "distributed.selection", "distributed.fsdp", "distributed.checkpoint", "distributed.ddp",
     "distributed.launch",
     "__init__", "__main__", "distributed.__init__", "distributed.__main__",
