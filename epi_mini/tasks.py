@@ -1,17 +1,24 @@
 """Five small task families that echo the EPI paper's benchmark, plus tasks from your own JSONL files.
 
-| family        | echoes      | example prompt -> response            | scorer                      |
-|---------------|-------------|---------------------------------------|-----------------------------|
-| `math`        | GSM8K       | ``m 12+7-5=`` -> ``14``               | exact match                 |
-| `code`        | CodeAlpaca  | ``c 'abc'[::-1]=`` -> ``cba``         | exact match                 |
-| `logic`       | LogiQA      | ``l T&!F|F&T=`` -> ``T``              | exact match (chance 1/2)    |
-| `instruction` | Alpaca      | ``i dbl:abc=`` -> ``aabbcc``          | exact match                 |
-| `chat`        | UltraChat   | ``s fox,red=`` -> ``red fox ran home.`` | rubric, 4 checks, in [0, 1] |
+| family        | echoes      | example prompt -> response              | scorer                               |
+|---------------|-------------|-----------------------------------------|--------------------------------------|
+| `math`        | GSM8K       | ``m 2+9-1=`` -> ``10``                  | exact match                          |
+| `code`        | CodeAlpaca  | ``c 'amnty'[::-1]=`` -> ``ytnma``       | exact match                          |
+| `logic`       | LogiQA      | ``l T|!F,F&T|!F=`` -> ``TT``            | exact match (chance 1/4)             |
+| `instruction` | Alpaca      | ``i max:14177=`` -> ``7``               | exact match                          |
+| `chat`        | UltraChat   | ``s cab=`` -> ``ant bee cat.``          | rubric, 4 checks, in [0, 1]          |
 
 Every prompt is ``<tag> <input>=`` and every response is a short string of letters and digits, so the
-families share their format, their alphabet and some sub-skills (code and instruction both reverse and
-upper-case strings; math and code both do arithmetic). That is on purpose: tasks that share nothing do not
-compete for parameters, and without interference there is nothing for isolation to fix.
+families share their format, their alphabet and some sub-skills (code and instruction both reverse,
+upper-case and measure words and take the largest or smallest digit; math and code both add; chat and
+instruction both turn letters of the prompt into letters of the answer). That is on purpose: tasks that
+share nothing do not compete for parameters, and without interference there is nothing for isolation to fix.
+
+Each family mixes questions a fresh stage of training learns within a few hundred steps (answers that are
+digits or T/F, the format of a chat line) with questions that need generic letter copying or a deeper
+evaluation, which a tiny model picks up only after about a thousand steps of mixed training. That keeps
+every family off the ceiling under full multi-task SFT and above zero at the end of its own stage of the
+shifting schedule (see ``data/README.md`` for the calibration and its numbers).
 
 A task is a seeded generator of (prompt, response) pairs plus a scorer. Scorers take the response the
 model generated and the example, and return a score in [0, 1]; wrong answers score 0.
@@ -73,74 +80,112 @@ class MathTask(Task):
 
 class CodeTask(Task):
     name, description = "code", "evaluate a one-line Python expression (CodeAlpaca's code, in miniature)"
+    KINDS = ("rev", "upper", "len", "max", "min", "sum")
 
     def sample(self, rng):
-        kind = rng.randrange(5)
-        if kind == 0:
-            w = _word(rng)
+        kind = rng.choice(self.KINDS)
+        if kind == "rev":
+            w = _word(rng, 4, 6)
             expr, value = f"'{w}'[::-1]", w[::-1]
-        elif kind == 1:
-            w = _word(rng, 2, 3)
-            expr, value = f"'{w}'*2", w * 2
-        elif kind == 2:
+        elif kind == "upper":
+            w = _word(rng, 4, 6)
+            expr, value = f"'{w}'.upper()", w.upper()
+        elif kind == "len":
             w = _word(rng, 1, 9)
             expr, value = f"len('{w}')", str(len(w))
-        else:
+        elif kind in ("max", "min"):
             xs = [rng.randrange(10) for _ in range(3)]
-            fn = "max" if kind == 3 else "min"
-            expr, value = f"{fn}({xs[0]},{xs[1]},{xs[2]})", str(max(xs) if kind == 3 else min(xs))
+            expr, value = f"{kind}({','.join(map(str, xs))})", str((max if kind == "max" else min)(xs))
+        else:
+            xs = [rng.randrange(10) for _ in range(2)]
+            expr, value = f"sum([{','.join(map(str, xs))}])", str(sum(xs))
         return Example(self.name, f"c {expr}=", value)
 
 
+def _logic_expr(rng, n):
+    facts = [rng.choice(["", "", "!"]) + rng.choice("TF") for _ in range(n)]
+    ops = [rng.choice("&|") for _ in range(n - 1)]
+    expr = facts[0] + "".join(o + f for o, f in zip(ops, facts[1:]))
+    # Usual precedence: ! binds tightest, then &, then |: an OR of AND-terms.
+    value = any(all((f[-1] == "T") != f.startswith("!") for f in term.split("&")) for term in expr.split("|"))
+    return expr, "T" if value else "F"
+
+
 class LogicTask(Task):
-    name, description = "logic", "deduce the truth value of stated facts joined by and/or/not (LogiQA, in miniature)"
+    name, description = "logic", "deduce the truth values of two statements built with and/or/not (LogiQA, in miniature)"
 
     def sample(self, rng):
-        facts = [rng.choice(["", "", "!"]) + rng.choice("TF") for _ in range(4)]
-        ops = [rng.choice("&|") for _ in range(3)]
-        expr = facts[0] + "".join(o + f for o, f in zip(ops, facts[1:]))
-        # Usual precedence: ! binds tightest, then &, then |: an OR of AND-terms.
-        value = any(all((f[-1] == "T") != f.startswith("!") for f in term.split("&")) for term in expr.split("|"))
-        return Example(self.name, f"l {expr}=", "T" if value else "F")
+        # The answer is drawn first (TT, TF, FT and FF are equally likely: chance is 1/4), then each statement
+        # is redrawn until it has the wanted value. The first joins two facts, the second three.
+        exprs = []
+        for n, want in zip((2, 3), rng.choice(["TT", "TF", "FT", "FF"])):
+            expr, value = _logic_expr(rng, n)
+            while value != want:
+                expr, value = _logic_expr(rng, n)
+            exprs.append((expr, value))
+        return Example(self.name, f"l {','.join(e for e, _ in exprs)}=", "".join(v for _, v in exprs))
 
 
 class InstructionTask(Task):
-    name, description = "instruction", "transform a word as instructed: rev, up, dbl (Alpaca, in miniature)"
+    name, description = "instruction", "transform a word or a number as instructed: len, max, min, up, rev (Alpaca, in miniature)"
+    OPS = ("len", "max", "min", "up", "rev")
 
     def sample(self, rng):
-        w = _word(rng, 3, 5)
-        op = rng.choice(["rev", "up", "dbl"])
-        out = {"rev": w[::-1], "up": w.upper(), "dbl": "".join(c + c for c in w)}[op]
+        op = rng.choice(self.OPS)
+        if op in ("max", "min"):  # the largest or smallest digit of a number
+            w = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 5)))
+            out = max(w) if op == "max" else min(w)
+        else:
+            w = _word(rng, 4, 7)
+            out = {"len": str(len(w)), "up": w.upper(), "rev": w[::-1]}[op]
         return Example(self.name, f"i {op}:{w}=", out)
 
 
 class ChatTask(Task):
-    """Open-ended: many responses are right. ``s fox,red=`` asks for a four-word sentence
-    ``<adjective> <noun> <verb> <place>.`` whose first two words are the given ones; the verb and the place
-    are the writer's free choice. Scored by a rubric (mean of four checks), like a human rating."""
-    name, description = "chat", "write a short sentence about a given animal (UltraChat's open generation)"
+    """Open-ended: many responses are right. ``s cab=`` asks for a line of three-letter words, one word per
+    given letter, in alphabetical order of their initials, no word twice, then a full stop: ``ant bee cat.``,
+    ``arm bus cow.`` and 25 more answers are all right. Scored by a rubric, like a human rating: the mean of
+    four checks (format, real words on topic, every letter used once without repeating a word, order). A
+    reply that ignores the letters can pass only the format check."""
+    name, description = "chat", "write a line of words with the given initials, in alphabetical order (UltraChat's open generation)"
     exact = False
-    NOUNS = ("fox", "cat", "dog", "owl", "bee", "cow", "pig", "ant", "elk", "rat", "bat", "hen", "yak",
-             "eel", "ram", "emu")
-    ADJECTIVES = ("red", "tan", "big", "old", "shy", "odd", "wet", "sly", "fat", "tiny", "calm", "wild",
-                  "bold", "dry", "hot", "new")
-    VERBS = ("ran", "sat", "hid", "sang", "slept", "ate")
-    PLACES = ("home", "away", "here", "there", "inside", "outside")
+    WORDS = {
+        "a": ("ant", "arm", "art"), "b": ("bee", "bus", "bat"), "c": ("cat", "cow", "cup"),
+        "d": ("dog", "den", "dew"), "e": ("elk", "egg", "ear"), "f": ("fox", "fig", "fan"),
+        "g": ("gum", "gas", "gem"), "h": ("hen", "hat", "hut"), "i": ("ink", "ice", "imp"),
+        "j": ("jam", "jet", "jar"), "k": ("kid", "kit", "key"), "l": ("log", "lid", "leg"),
+        "m": ("map", "mud", "mop"), "n": ("net", "nut", "nap"), "o": ("owl", "oak", "oil"),
+        "p": ("pig", "pen", "pot"), "r": ("rat", "rug", "ram"), "s": ("sun", "sky", "sea"),
+        "t": ("tub", "toy", "tea"), "w": ("web", "wig", "wax"), "y": ("yak", "yam", "yew"),
+    }
+    KNOWN = frozenset(w for ws in WORDS.values() for w in ws)
+    MIN_LETTERS, MAX_LETTERS = 3, 6
+    DOUBLED = 0.5                    # share of prompts made to give a letter twice (more by chance)
 
     def sample(self, rng):
-        noun, adj = rng.choice(self.NOUNS), rng.choice(self.ADJECTIVES)
-        verb, place = rng.choice(self.VERBS), rng.choice(self.PLACES)
-        return Example(self.name, f"s {noun},{adj}=", f"{adj} {noun} {verb} {place}.")
+        n = rng.randint(self.MIN_LETTERS, self.MAX_LETTERS)
+        while True:  # a letter at most twice, so that distinct words always exist
+            letters = [rng.choice(tuple(self.WORDS)) for _ in range(n)]
+            if rng.random() < self.DOUBLED:  # give one letter twice: it needs two different words
+                i, j = rng.sample(range(n), 2)
+                letters[j] = letters[i]
+            letters = "".join(letters)
+            if max(letters.count(c) for c in letters) <= 2:
+                break
+        words = []
+        for c in sorted(letters):
+            words.append(rng.choice([w for w in self.WORDS[c] if w not in words]))
+        return Example(self.name, f"s {letters}=", " ".join(words) + ".")
 
     def rubric(self, generated: str, example: Example) -> dict:
-        noun, adj = example.prompt[2:-1].split(",")
-        words = generated[:-1].split(" ") if generated.endswith(".") else generated.split(" ")
-        words += [""] * (4 - len(words))
+        letters = example.prompt[2:-1]
+        words = (generated[:-1] if generated.endswith(".") else generated).split(" ")
+        initials = "".join(w[:1] for w in words)
         return {
-            "opens with the adjective and noun": words[:2] == [adj, noun],
-            "a verb third": words[2] in self.VERBS,
-            "a place fourth": words[3] in self.PLACES,
-            "exactly four words and a full stop": generated.endswith(".") and len(words) == 4,
+            "one word per letter, then a full stop": generated.endswith(".") and len(words) == len(letters),
+            "known words, each starting with a given letter": all(w in self.KNOWN and w[0] in letters for w in words),
+            "every letter used once, no word twice": sorted(initials) == sorted(letters) and len(set(words)) == len(words),
+            "initials in alphabetical order": initials == "".join(sorted(letters)),
         }
 
     def score(self, generated, example):

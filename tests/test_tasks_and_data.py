@@ -1,11 +1,14 @@
 """Tests of task generators, scorers, JSONL loading, schedules and batches.
 Run: python -m pytest tests/test_tasks_and_data.py -q"""
+import collections
 import json
 import random
+import re
 
 import pytest
 import torch
 
+from epi_mini.config import make_config
 from epi_mini.data import MixtureStream, Stage, collate, encode_example, make_schedule
 from epi_mini.evaluate import EVAL_DIR, load_eval_sets, make_eval_set
 from epi_mini.tasks import BUILTIN_TASKS, DataFormatError, Example, load_jsonl, tasks_from_jsonl
@@ -27,27 +30,76 @@ def test_generators_are_deterministic_and_right_answers_score_one(name):
         assert task.score("zz9", ex) == 0.0
 
 
+def test_every_family_shares_the_format_and_fits_the_cpu_block_size():
+    block_size = make_config("cpu").block_size
+    for name, task in BUILTIN_TASKS.items():
+        for ex in task.examples(2000, seed=0):
+            assert re.fullmatch(r"[a-z] [^=\s]+=", ex.prompt), ex        # <tag> <input>=
+            assert re.fullmatch(r"[A-Za-z0-9 .]+", ex.response), ex       # letters, digits, spaces, a full stop
+            assert len(encode_example(TOK, ex)[0]) <= block_size + 1, ex  # prompt + response + end token
+    assert len({t.examples(1, seed=0)[0].prompt[0] for t in BUILTIN_TASKS.values()}) == len(BUILTIN_TASKS)
+
+
 def test_exact_answers_are_correct():
     rng = random.Random(0)
-    for _ in range(200):
+    kinds, ops = set(), set()
+    for _ in range(300):
         ex = BUILTIN_TASKS["math"].sample(rng)
         a, rest = ex.prompt[2:-1].split("+")
         b, c = rest.split("-")
         assert int(ex.response) == int(a) + int(b) - int(c) >= 0
+        ex = BUILTIN_TASKS["code"].sample(rng)
+        assert str(eval(ex.prompt[2:-1])) == ex.response            # the expression is real Python
+        kinds.add(re.sub(r"'[a-z]*'|\d", "", ex.prompt))             # e.g. "c max(,,)="
         ex = BUILTIN_TASKS["logic"].sample(rng)
-        expr = ex.prompt[2:-1].replace("!", " not ").replace("&", " and ").replace("|", " or ")
-        expr = expr.replace("T", " True ").replace("F", " False ")
-        assert ex.response == ("T" if eval(expr) else "F")  # Python's own precedence agrees
+        statements = ex.prompt[2:-1].split(",")
+        assert [len(re.findall("[TF]", e)) for e in statements] == [2, 3] and len(ex.response) == 2
+        for expr, answer in zip(statements, ex.response):
+            py = expr.replace("!", " not ").replace("&", " and ").replace("|", " or ")
+            py = py.replace("T", " True ").replace("F", " False ")
+            assert answer == ("T" if eval(py) else "F")                 # Python's own precedence agrees
+        ex = BUILTIN_TASKS["instruction"].sample(rng)
+        op, arg = ex.prompt[2:-1].split(":")
+        ops.add(op)
+        expected = {"len": lambda w: str(len(w)), "max": lambda w: str(max(int(d) for d in w)),
+                    "min": lambda w: str(min(int(d) for d in w)), "up": str.upper, "rev": lambda w: w[::-1]}[op]
+        assert ex.response == expected(arg)
+    assert len(kinds) == 6 and ops == {"len", "max", "min", "up", "rev"}
+
+
+def test_logic_answers_are_balanced_so_chance_is_a_quarter():
+    counts = collections.Counter(e.response for e in BUILTIN_TASKS["logic"].examples(4000, seed=0))
+    assert set(counts) == {"TT", "TF", "FT", "FF"}
+    assert all(0.22 < n / 4000 < 0.28 for n in counts.values()), counts
 
 
 def test_chat_rubric_gives_partial_credit():
     task = BUILTIN_TASKS["chat"]
-    ex = Example("chat", "s fox,red=", "red fox ran home.")
-    assert task.score("red fox sat away.", ex) == 1.0          # any verb and place are fine
-    assert task.score("red fox ran home", ex) == 0.75          # no full stop
-    assert task.score("big fox ran home.", ex) == 0.75         # wrong adjective
-    assert task.score("red fox flew home.", ex) == 0.75        # not a known verb
+    assert not task.exact
+    ex = Example("chat", "s cab=", "ant bee cat.")
+    assert task.score("arm bus cow.", ex) == 1.0        # any known words with the right initials
+    assert task.score("ant bee cat", ex) == 0.75        # no full stop
+    assert task.score("cat ant bee.", ex) == 0.75       # the given letters, but not in alphabetical order
+    assert task.score("ant bee cab.", ex) == 0.75       # "cab" is not a known word
+    assert task.score("ant bee.", ex) == 0.25           # a word short: only "known words" holds
+    assert task.score("gum oil sky.", ex) == 0.25       # ignoring the letters passes only the format check
     assert task.score("fox", ex) == 0.0
+    twice = Example("chat", "s aba=", "ant art bee.")
+    assert task.score("arm art bus.", twice) == 1.0
+    assert task.score("ant ant bee.", twice) == 0.75    # a repeated letter needs two different words
+    assert task.score("ant bee.", twice) == 0.25
+
+
+def test_chat_prompt_space_is_far_larger_than_its_heldout_set():
+    task = BUILTIN_TASKS["chat"]
+    drawn = task.examples(5000, seed=0)
+    assert len({e.prompt for e in drawn}) > 0.95 * len(drawn)        # almost never the same prompt twice
+    doubled = sum(len(set(e.prompt[2:-1])) < len(e.prompt[2:-1]) for e in drawn) / len(drawn)
+    assert 0.55 < doubled < 0.75                                     # most prompts give some letter twice
+    held = {e.prompt for e in make_eval_set(task)}
+    assert sum(e.prompt in held for e in drawn) < 0.01 * len(drawn)  # redrawing held-out prompts is rare
+    for ex in drawn[:500]:                                          # the reference obeys its own rubric
+        assert all(task.rubric(ex.response, ex).values()), ex
 
 
 def test_committed_eval_sets_match_the_generators():
