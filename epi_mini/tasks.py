@@ -70,11 +70,17 @@ def _word(rng, lo=3, hi=5):
 
 
 class MathTask(Task):
-    name, description = "math", "two-step arithmetic a+b-c (GSM8K's multi-step reasoning, in miniature)"
+    name, description = "math", "one- and two-step arithmetic a+b, a-b, a+b-c (GSM8K's reasoning, in miniature)"
 
     def sample(self, rng):
         a, b = rng.randrange(10), rng.randrange(10)
-        c = rng.randint(0, min(9, a + b))  # never negative: the answer is always a plain number
+        steps = rng.choice((1, 2, 2))  # a third of the problems take one step, the rest two
+        if steps == 1:
+            if rng.random() < 0.5:
+                return Example(self.name, f"m {a}+{b}=", str(a + b))
+            a, b = max(a, b), min(a, b)  # never negative: the answer is always a plain number
+            return Example(self.name, f"m {a}-{b}=", str(a - b))
+        c = rng.randint(0, min(9, a + b))
         return Example(self.name, f"m {a}+{b}-{c}=", str(a + b - c))
 
 

@@ -42,12 +42,12 @@ def test_every_family_shares_the_format_and_fits_the_cpu_block_size():
 
 def test_exact_answers_are_correct():
     rng = random.Random(0)
-    kinds, ops = set(), set()
+    kinds, ops, forms = set(), set(), set()
     for _ in range(300):
         ex = BUILTIN_TASKS["math"].sample(rng)
-        a, rest = ex.prompt[2:-1].split("+")
-        b, c = rest.split("-")
-        assert int(ex.response) == int(a) + int(b) - int(c) >= 0
+        assert re.fullmatch(r"m \d\+\d-\d=|m \d[+-]\d=", ex.prompt), ex           # a+b-c, a+b or a-b
+        assert int(ex.response) == eval(ex.prompt[2:-1]) >= 0                  # never negative
+        forms.add(re.sub(r"\d", "", ex.prompt))
         ex = BUILTIN_TASKS["code"].sample(rng)
         assert str(eval(ex.prompt[2:-1])) == ex.response            # the expression is real Python
         kinds.add(re.sub(r"'[a-z]*'|\d", "", ex.prompt))             # e.g. "c max(,,)="
@@ -65,6 +65,7 @@ def test_exact_answers_are_correct():
                     "min": lambda w: str(min(int(d) for d in w)), "up": str.upper, "rev": lambda w: w[::-1]}[op]
         assert ex.response == expected(arg)
     assert len(kinds) == 6 and ops == {"len", "max", "min", "up", "rev"}
+    assert forms == {"m +-=", "m +=", "m -="}
 
 
 def test_logic_answers_are_balanced_so_chance_is_a_quarter():
