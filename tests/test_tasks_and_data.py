@@ -110,6 +110,21 @@ def test_committed_eval_sets_match_the_generators():
         assert len({e.prompt for e in committed}) == len(committed)
 
 
+def best_constant_score(task, examples):
+    """The score of the one answer (among the set's reference answers) that does best on the whole set."""
+    return max(sum(task.score(answer, e) for e in examples) for answer in {e.response for e in examples}) / len(examples)
+
+
+def test_data_readme_quotes_the_floor_of_each_committed_set():
+    rows = re.findall(r"^\| `(\w+)\.jsonl` \| (\d+) \|.*\| ([\d.]+) \|$",
+                      (EVAL_DIR.parent / "README.md").read_text(), re.M)
+    assert [name for name, _, _ in rows] == list(BUILTIN_TASKS), rows
+    for name, n, quoted in rows:
+        committed = load_jsonl(EVAL_DIR / f"{name}.jsonl")
+        assert len(committed) == int(n)
+        assert f"{best_constant_score(BUILTIN_TASKS[name], committed):.3f}" == quoted, name
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
