@@ -14,7 +14,7 @@ from .metrics import over_seeds, record_metric
 # The two-task stream of notebooks 03-07 on the `cpu` preset, and what the `gpu` preset trains instead: the
 # data and training settings every method uses ...
 LESSON_DATA = {
-    "cpu": dict(schedule="two_task", tasks=("chat", "code"), batch_size=32, steps_per_stage=250, eval_interval=25),
+    "cpu": dict(schedule="two_task", tasks=("chat", "code"), batch_size=32, steps_per_stage=250, eval_interval=50),
     "gpu": dict(schedule="shifting"),
 }
 # ... and the isolation settings, read only by the isolation methods (static = CPI-FT, static-epi, epi):
