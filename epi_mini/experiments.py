@@ -337,7 +337,9 @@ def markdown_table(headers, rows):
 
 
 def _ms(d, digits=3):
-    return "—" if d is None else f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+    if d is None or d["mean"] != d["mean"]:  # absent, or NaN: nothing to measure (e.g. no earlier task)
+        return "—"
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
 def _frozen(m):
