@@ -4,11 +4,22 @@
   then B = ``code`` with 20% replay of A), for a preset, with a notebook's own changes on top: the data and
   training settings (:func:`lesson_data`, what every method uses) plus the isolation settings
   (:data:`LESSON_ISOLATION`, what only the isolation methods read);
-* :func:`run_grid` -- "these methods x these seeds" -> records by label, trained two at a time;
+* :func:`run_grid` -- "these methods x these seeds" -> records by label, trained two at a time; a run that an
+  earlier notebook already trained with the same config and the same code is read back, not trained again;
 * :func:`over_seeds_table` -- label -> figure -> mean, spread and per-seed values, from those records.
 """
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_json
 from .config import make_config
-from .experiments import run_many
+from .evaluate import EVAL_DIR
+from .experiments import run_key, run_many
 from .metrics import over_seeds, record_metric
 
 # The two-task stream of notebooks 03-07 on the `cpu` preset, and what the `gpu` preset trains instead: the
@@ -42,11 +53,32 @@ def lesson(preset="cpu", **changes):
     return {**LESSON_DATA[preset], **LESSON_ISOLATION[preset], **changes}
 
 
+def lesson_cache(threads):
+    """Where run_grid keeps its records: a folder of the temp directory named by a hash of everything a record
+    depends on -- epi_mini's source, the evaluation sets, torch's version and the threads per run -- so that a
+    change to any of them starts an empty folder and nothing stale is ever read back."""
+    h = hashlib.sha256(f"{torch.__version__} threads={threads}".encode())
+    package = Path(__file__).resolve().parent
+    for f in sorted([*package.rglob("*.py"), *Path(EVAL_DIR).glob("*.jsonl")]):
+        h.update(f.name.encode() + f.read_bytes())
+    return Path(tempfile.gettempdir()) / "epi-mini-lessons" / h.hexdigest()[:16]
+
+
 def run_grid(cells, seeds=SEEDS, preset="cpu", workers=2):
     """Train every cell (label -> config overrides) for every seed; returns label -> records in seed order.
-    Runs with the same seed share the initial weights and the data order, so the seeds pair up across cells."""
+    Runs with the same seed share the initial weights and the data order, so the seeds pair up across cells.
+
+    Notebooks 05 and 06 both train full SFT and CPI-FT on the lesson stream: the second reads them back from
+    :func:`lesson_cache` (same config, same code, same threads: the same record, bit for bit)."""
     configs = [make_config(preset, **{**overrides, "seed": s}) for overrides in cells.values() for s in seeds]
-    records = run_many(configs, workers=workers)
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, os.cpu_count() or 1)))
+    cache = lesson_cache(threads)
+    paths = [cache / f"{run_key(c)}.json" for c in configs]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    trained = run_many([configs[i] for i in missing], workers=workers, threads=threads) if missing else []
+    for i, record in zip(missing, trained):
+        save_json(paths[i], record)  # atomic: a notebook stopped half-way leaves no half-written record
+    records = [json.loads(p.read_text()) for p in paths]
     n = len(seeds)
     return {label: records[i * n:(i + 1) * n] for i, label in enumerate(cells)}
 

@@ -133,11 +133,12 @@ def _run_one(cfg, path, threads):
     return str(path), record["timing"]["seconds"]
 
 
-def run_many(configs, workers=2, drift=False):
+def run_many(configs, workers=2, drift=False, threads=None):
     """Train several configs in parallel processes and return their records, in order (nothing is written).
-    The notebooks use this to run a comparison over seeds in about half the time of a loop."""
+    The notebooks use this to run a comparison over seeds in about half the time of a loop. ``threads``: torch
+    threads per run (default: the cores shared among the workers; the thread count changes float rounding)."""
     workers = max(1, min(workers, os.cpu_count() or 1, len(configs)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     if workers == 1:
         return [_train(cfg, threads, drift) for cfg in configs]
     with _pool(workers) as pool:

@@ -70,3 +70,17 @@ def test_paired_intervals_state_a_direction_only_when_they_exclude_zero():
 def test_unknown_protocol_is_refused(capsys):
     assert experiments.main(["everything"]) == 2
     assert "unknown protocol 'everything'" in capsys.readouterr().err
+
+
+def test_run_grid_reads_back_a_run_an_earlier_notebook_trained(tmp_path, monkeypatch):
+    from epi_mini import course
+    monkeypatch.setattr(course.tempfile, "tempdir", str(tmp_path))
+    cells = {"full": dict(method="full", steps_per_stage=5, eval_interval=5)}
+    first = course.run_grid(cells, seeds=(0, 1), preset="tiny")
+    assert len(list(tmp_path.rglob("*.json"))) == 2
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(course, "run_many", no_training)
+    assert course.run_grid(cells, seeds=(0, 1), preset="tiny") == first
+    assert course.lesson_cache(1) != course.lesson_cache(2)  # the thread count changes the numbers: its own folder

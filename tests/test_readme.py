@@ -39,3 +39,25 @@ def test_the_calibration_keeps_every_family_off_floor_and_ceiling():
 def test_the_readme_states_the_seeds_it_was_run_with():
     seeds = ", ".join(map(str, SUMMARIES["main"]["seeds"]))
     assert f"seeds {seeds}" in README
+
+
+def separated(protocol, pair, figure, sign):
+    """The README states a direction: the paired interval excludes 0 and the mean has this sign."""
+    d = report.diff(SUMMARIES, protocol, pair, figure)
+    return d["separated"] and d["mean"] * sign > 0
+
+
+def not_separated(protocol, pair, figure):
+    return not report.diff(SUMMARIES, protocol, pair, figure)["separated"]
+
+
+def test_claims_about_the_shifting_schedule():
+    full = SUMMARIES["main"]["methods"]["full SFT"]["forgetting"]["values"]
+    assert all(f > 0 for f in full), full                                          # full SFT forgets, every seed
+    assert separated("main", "CPI-FT (schedule's stages) vs full SFT", "forgetting", -1)   # CPI-FT forgets less
+    for other in ("full SFT", "CPI-FT (schedule's stages)", "static EPI score"):        # EPI learns new tasks better
+        assert separated("main", f"EPI vs {other}", "plasticity", +1), other
+    assert not_separated("main", "EPI vs full SFT", "forgetting")                   # ... but forgets no less
+    assert separated("main", "EPI vs CPI-FT (schedule's stages)", "forgetting", +1)  # and more than CPI-FT
+    assert not_separated("main", "EPI vs static EPI score", "forgetting")
+    assert separated("main", "CPI-FT (schedule's stages) vs CPI-FT (schedule's stages, no fusion)", "plasticity", +1)
