@@ -61,3 +61,46 @@ def test_claims_about_the_shifting_schedule():
     assert separated("main", "EPI vs CPI-FT (schedule's stages)", "forgetting", +1)  # and more than CPI-FT
     assert not_separated("main", "EPI vs static EPI score", "forgetting")
     assert separated("main", "CPI-FT (schedule's stages) vs CPI-FT (schedule's stages, no fusion)", "plasticity", +1)
+
+
+def test_claims_about_the_controls():
+    for control in ("static EPI score", "random mask"):     # the refresh buys plasticity, not retention
+        assert separated("controls", f"EPI vs {control}", "plasticity", +1), control
+        assert not_separated("controls", f"EPI vs {control}", "forgetting"), control
+    assert separated("controls", "EPI, beta = 0.999 vs full SFT", "forgetting", -1)  # the longer memory forgets less
+    assert separated("controls", "EPI, beta = 0.999 vs EPI", "forgetting", -1)
+    for figure in ("forgetting", "plasticity"):
+        assert not_separated("controls", "EPI, replay-aware importance vs EPI", figure)
+        assert not_separated("controls", "EPI, 8-bit importance vs EPI", figure)
+
+
+def test_claims_about_budget_mechanism_drift_and_the_mixture():
+    frozen = SUMMARIES["main"]["methods"]["CPI-FT (schedule's stages)"]["frozen_by_stage"]
+    assert max(f["mean"] for f in frozen) <= 0.03, frozen                              # "at most 3%"
+    for figure in ("forgetting", "plasticity"):                                        # EPI at CPI-FT's budget
+        assert not_separated("controls", "EPI at CPI-FT's frozen fraction vs CPI-FT (schedule's stages)", figure)
+    methods = SUMMARIES["controls"]["methods"]
+    slow, epi = (methods[k]["boundary_overlap"]["after_boundary"] for k in ("EPI, beta = 0.999", "EPI"))
+    assert all(a["mean"] > b["mean"] for a, b in zip(slow, epi)), (slow, epi)           # changes less at boundaries
+    assert methods["EPI, beta = 0.999"]["frozen_by_stage"][-1]["mean"] > max(f["mean"] for f in frozen)
+    mixture = SUMMARIES["drift"]["methods"]["EPI, one-stage mixture"]
+    overlap = [o["mean"] for o in mixture["curves"]["within a stage"]["overlap"]]
+    assert mixture["chance"]["mean"] < overlap[-1] < 0.5 * overlap[0], overlap          # drifts, stays above chance
+    vs_full = SUMMARIES["multitask"]["normalized_vs_full"]
+    assert vs_full["EPI"]["separated"] and vs_full["EPI"]["mean"] > 0, vs_full["EPI"]
+    assert not vs_full["CPI-FT (its own grouping)"]["separated"], vs_full
+
+
+def test_the_state_sizes_the_readme_quotes():
+    import torch
+    from epi_mini.epi import EvolvingIsolation
+    model = torch.nn.Linear(500, 500)
+    sizes = {}
+    for label, kw in (("default", {}), ("8-bit", dict(ema_storage="int8", mask_storage="gaps"))):
+        e = EvolvingIsolation(model, isolation_ratio=0.1, warmup_steps=0, **kw)
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+        e.step(torch.optim.SGD(model.parameters(), lr=0.0))
+        sizes[label] = round(e.state_bytes()["per_param"], 1)
+    assert sizes == {"default": 4.4, "8-bit": 1.1}, sizes
+    assert "(1.1 bytes per parameter instead of 4.4)" in README
