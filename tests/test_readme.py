@@ -81,7 +81,9 @@ def test_claims_about_budget_mechanism_drift_and_the_mixture():
         assert not_separated("controls", "EPI at CPI-FT's frozen fraction vs CPI-FT (schedule's stages)", figure)
     methods = SUMMARIES["controls"]["methods"]
     slow, epi = (methods[k]["boundary_overlap"]["after_boundary"] for k in ("EPI, beta = 0.999", "EPI"))
-    assert all(a["mean"] > b["mean"] for a, b in zip(slow, epi)), (slow, epi)           # changes less at boundaries
+    within = methods["EPI"]["boundary_overlap"]["within_stages_median"]["mean"]
+    assert all(b["mean"] > within - 0.1 for b in epi), (epi, within)                    # no jump at a boundary
+    assert all(a["mean"] > b["mean"] for a, b in zip(slow, epi)), (slow, epi)           # beta = 0.999 moves less
     assert methods["EPI, beta = 0.999"]["frozen_by_stage"][-1]["mean"] > max(f["mean"] for f in frozen)
     mixture = SUMMARIES["drift"]["methods"]["EPI, one-stage mixture"]
     overlap = [o["mean"] for o in mixture["curves"]["within a stage"]["overlap"]]
