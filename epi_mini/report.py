@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from .experiments import _ms  # mean ± std, or a dash where there is nothing to measure
 from .metrics import describe_difference
 
 RESULTS = Path("results")
@@ -30,10 +31,6 @@ def load(folder=RESULTS):
 def diff(summaries, protocol, pair, figure):
     """The paired difference ``a - b`` of ``pair`` ("a vs b") for one figure, from a protocol's summary."""
     return summaries[protocol]["comparisons"][pair][figure]
-
-
-def _ms(d):
-    return "—" if d["mean"] != d["mean"] else f"{d['mean']:.3f} ± {d['std']:.3f}"  # NaN: nothing to measure
 
 
 def methods_table(summary, labels=None):
