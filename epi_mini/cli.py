@@ -26,6 +26,7 @@ from .methods import METHODS, method_label
 from .metrics import summarize_seeds
 from .runner import OPTIONS_NAME, check_run_options, load_run_options, resume_options, run_options, run_seeds
 from .tasks import BUILTIN_TASKS, DataFormatError
+from .train import CPU_THREADS, pick_device, use_threads
 
 HELP = {
     "n_layer": "transformer blocks", "n_head": "attention heads", "n_embd": "embedding width",
@@ -109,6 +110,9 @@ def build_parser():
                         "--device, --no-progress and --checkpoint-every may change; another option repeated "
                         "with a different value is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"torch threads for CPU training (default: {CPU_THREADS}; more threads are faster only on an "
+                        "idle machine and much slower when other jobs share the cores: benchmarks/threads.py)")
     for f in fields(TrainConfig):
         if f.name in ("seed", "preset"):
             continue
@@ -322,6 +326,11 @@ def main(argv=None):
     try:
         options, out = resolve_options(args, warn=lambda line: print(line, file=sys.stderr))
         configs = configs_of(options)
+        threads = use_threads(args.threads)
+        first = configs[0]
+        print(f"{method_label(first.method)} on the {first.schedule} schedule, {first.preset} preset, seeds "
+              f"{' '.join(str(c.seed) for c in configs)} -> {out}/ | {pick_device(first.device)}, {threads} torch "
+              f"thread{'s' * (threads > 1)} (--threads)", flush=True)
         records = run_seeds(configs, out, resume=bool(args.resume), checkpoint_every=options["checkpoint_every"],
                             progress=not args.no_progress, options=options, log=lambda line: print(line, flush=True))
     except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:

@@ -10,7 +10,6 @@
 """
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from .checkpoint import save_json
 from .config import make_config
 from .evaluate import EVAL_DIR
 from .experiments import run_key, run_many
+from .train import CPU_THREADS
 from .metrics import over_seeds, record_metric
 
 # The two-task stream of notebooks 03-07 on the `cpu` preset, and what the `gpu` preset trains instead: the
@@ -64,14 +64,14 @@ def lesson_cache(threads):
     return Path(tempfile.gettempdir()) / "epi-mini-lessons" / h.hexdigest()[:16]
 
 
-def run_grid(cells, seeds=SEEDS, preset="cpu", workers=2):
+def run_grid(cells, seeds=SEEDS, preset="cpu", workers=None):
     """Train every cell (label -> config overrides) for every seed; returns label -> records in seed order.
     Runs with the same seed share the initial weights and the data order, so the seeds pair up across cells.
 
     Notebooks 05 and 06 both train full SFT and CPI-FT on the lesson stream: the second reads them back from
     :func:`lesson_cache` (same config, same code, same threads: the same record, bit for bit)."""
     configs = [make_config(preset, **{**overrides, "seed": s}) for overrides in cells.values() for s in seeds]
-    threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, os.cpu_count() or 1)))
+    threads = CPU_THREADS
     cache = lesson_cache(threads)
     paths = [cache / f"{run_key(c)}.json" for c in configs]
     missing = [i for i, p in enumerate(paths) if not p.exists()]

@@ -1,6 +1,6 @@
 """Evolving Parameter Isolation (EPI), for any model and any element-wise optimizer.
 
-EPI (Xue, Liang et al., 2026, arXiv 2604.14010) protects the parameters that currently matter most:
+EPI (Lin, Xue, Liang et al., 2026, arXiv 2604.14010) protects the parameters that currently matter most:
 
 1. importance, online:  ``I <- beta * I + (1 - beta) * score(theta, g)``, by default ``score = g**2``
    (an EMA of squared gradients: a running, diagonal, Fisher-like sensitivity of the current stream);

@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .checkpoint import atomic_write_bytes, save_json
 from .config import make_config
 from .drift import DriftRecorder
 from .metrics import (average_normalized_score, describe_difference, over_seeds, paired_difference,
                       record_metric)
-from .train import Run, fit
+from .train import CPU_THREADS, Run, fit, use_threads
 
 RESULTS = Path("results")
 SEEDS = (0, 1, 2, 3, 4)
@@ -117,7 +116,7 @@ def _pool(workers):
 
 def _train(cfg, threads, drift=True):
     """Train one config; EPI-family runs also record how their importance drifts."""
-    torch.set_num_threads(threads)
+    use_threads(threads)
     run = Run(cfg)
     epi_family = cfg.method in ("epi", "static-epi", "random-mask")
     recorder = DriftRecorder(every=max(10, cfg.steps_per_stage // 10)) if drift and epi_family else None
@@ -133,12 +132,16 @@ def _run_one(cfg, path, threads):
     return str(path), record["timing"]["seconds"]
 
 
-def run_many(configs, workers=2, drift=False, threads=None):
+def default_workers():
+    """Runs side by side: one per core (each with :data:`~epi_mini.train.CPU_THREADS` thread)."""
+    return max(1, os.cpu_count() or 1)
+
+
+def run_many(configs, workers=None, drift=False, threads=CPU_THREADS):
     """Train several configs in parallel processes and return their records, in order (nothing is written).
-    The notebooks use this to run a comparison over seeds in about half the time of a loop. ``threads``: torch
-    threads per run (default: the cores shared among the workers; the thread count changes float rounding)."""
-    workers = max(1, min(workers, os.cpu_count() or 1, len(configs)))
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    The notebooks use this to run a comparison over seeds in about half the time of a loop. ``workers``: runs
+    side by side (default: one per core); ``threads``: torch threads per run (the count changes float rounding)."""
+    workers = max(1, min(workers or default_workers(), len(configs)))
     if workers == 1:
         return [_train(cfg, threads, drift) for cfg in configs]
     with _pool(workers) as pool:
@@ -177,8 +180,7 @@ def run_protocols(protocols, preset="cpu", seeds=SEEDS, workers=None, out=RESULT
     record_path = lambda cfg: out / "runs" / f"{run_key(cfg)}.json"  # noqa: E731
     cells = {p: protocol(p).cells() for p in protocols}
     plan = lambda: {p: _configs(cells[p], preset, seeds, overrides, record_path) for p in protocols}  # noqa: E731
-    workers = workers or max(1, min(2, os.cpu_count() or 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    workers, threads = workers or default_workers(), CPU_THREADS
     t0, done, running = time.perf_counter(), 0, {}
 
     def todo():
@@ -499,7 +501,8 @@ def main(argv=None):
     ap.add_argument("protocols", nargs="+", help=f"{', '.join(PROTOCOLS)} or all")
     ap.add_argument("--preset", default="cpu", help="tiny, cpu (default) or gpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="default: 0 1 2 3 4")
-    ap.add_argument("--workers", type=int, default=None, help="parallel processes (default: up to 2)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="runs side by side, one torch thread each (default: one per core)")
     ap.add_argument("--out", default=str(RESULTS), help="results folder (default: results)")
     args = ap.parse_args(argv)
     protocols = list(PROTOCOLS) if args.protocols == ["all"] else args.protocols

@@ -21,6 +21,8 @@ stream it is ``j`` itself, here a stage can introduce several tasks at once (or,
 Statistics over seeds live here too (:func:`over_seeds`, :func:`summarize_seeds`): every figure the project
 reports is a mean with its spread over seeds, never a single run.
 """
+import math
+
 import numpy as np
 
 
@@ -95,7 +97,9 @@ def record_metric(record, name) -> float:
     mean isolated share of the weights over all training steps)."""
     if name == "frozen_fraction":
         steps = [s["steps"] for s in record["schedule"]["stages"]]
-        return float(np.dot(record["frozen_fraction"], steps) / sum(steps))
+        # math.fsum, not np.dot: a BLAS dot product rounds differently on different CPUs (AVX2 vs AVX-512
+        # kernels disagree in the last digit), and a figure recomputed from the records must not depend on that.
+        return math.fsum(f * n for f, n in zip(record["frozen_fraction"], steps)) / sum(steps)
     fns = {"average_score": lambda R, f: average_score(R), "forgetting": forgetting,
            "backward_transfer": backward_transfer, "plasticity": plasticity, "retention": retention,
            "earlier_final": earlier_final}
@@ -112,6 +116,33 @@ def summarize(R, first_stage) -> dict:
         "backward_transfer": backward_transfer(R, first_stage),
         "plasticity": plasticity(R, first_stage),
     }
+
+
+def figures_match(recomputed, committed, rel_tol=1e-9, abs_tol=1e-12, where="") -> list:
+    """Where two JSON-like structures differ, as a list of ``"path: a != b"`` lines (empty: they match).
+
+    Numbers match within ``rel_tol`` (relative) or ``abs_tol`` (absolute), NaN matches NaN; everything else
+    (keys, lengths, strings, booleans, None) must be equal. This is how a figure recomputed from the run records
+    is compared with the committed one: summation order -- and so the last digit of a mean -- depends on the
+    CPU and the BLAS or SIMD kernel it picks, while a real change of the records moves a figure by far more
+    than 1e-9 of itself.
+    """
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if number(recomputed) and number(committed):
+        a, b = float(recomputed), float(committed)
+        same = (a != a and b != b) or math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
+        return [] if same else [f"{where or '.'}: {a!r} != {b!r}"]
+    if isinstance(recomputed, dict) and isinstance(committed, dict):
+        if set(recomputed) != set(committed):
+            return [f"{where or '.'}: keys differ: {sorted(set(recomputed) ^ set(committed), key=str)[:5]}"]
+        return [line for k in recomputed for line in figures_match(recomputed[k], committed[k], rel_tol, abs_tol,
+                                                                   f"{where}/{k}")]
+    if isinstance(recomputed, (list, tuple)) and isinstance(committed, (list, tuple)):
+        if len(recomputed) != len(committed):
+            return [f"{where or '.'}: lengths differ: {len(recomputed)} != {len(committed)}"]
+        return [line for i, (a, b) in enumerate(zip(recomputed, committed))
+                for line in figures_match(a, b, rel_tol, abs_tol, f"{where}[{i}]")]
+    return [] if recomputed == committed else [f"{where or '.'}: {recomputed!r} != {committed!r}"]
 
 
 # --- statistics over seeds ------------------------------------------------------------------------------

@@ -52,6 +52,25 @@ def pick_device(requested="auto") -> torch.device:
     return torch.device("cpu")
 
 
+# One torch thread per training process on the CPU. Measured by benchmarks/threads.py on 2 cores, cpu preset,
+# median ms per step at 1 / 2 threads: idle 69.9 / 47.7; one other busy process 65.9 / 150.3; both cores busy
+# 89.7 / 1636.7. Two threads win by a third on an idle machine and lose up to eighteen-fold on a shared one
+# (torch's threads meet at a barrier after every operation, and wait for the one that is not scheduled).
+# Several runs side by side, one thread each, use the cores without that risk: the experiment runner, the
+# notebooks' run_grid and the command line's seeds all run that way.
+CPU_THREADS = 1
+
+
+def use_threads(threads=None) -> int:
+    """Set torch's intra-op threads for CPU training (``None``: :data:`CPU_THREADS`) and return the count.
+    The count changes float rounding, so it is part of what makes a CPU run reproducible: records store it."""
+    threads = CPU_THREADS if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"invalid threads={threads!r}: must be an integer >= 1")
+    torch.set_num_threads(threads)
+    return threads
+
+
 class Run:
     """Everything a training run is built from, for the loop, the notebooks and the experiments."""
 
@@ -303,7 +322,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     summary = strategy.summary()
     if summary:  # plain SFT has nothing to add
         record["strategy"] = summary
-    record["timing"] = {"device": str(run.device), "seconds": elapsed,
+    record["timing"] = {"device": str(run.device), "threads": torch.get_num_threads(), "seconds": elapsed,
                         "steps_per_second": (total - start) / elapsed if elapsed > 0 else None,
                         "resumed_at_step": start}
     return record

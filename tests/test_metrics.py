@@ -57,3 +57,21 @@ def test_accuracy_matrix_and_summary():
     s = metrics.summarize(R, FIRST)
     assert set(s) == {"average_score", "forgetting", "backward_transfer", "plasticity"}
     assert metrics.mean_and_spread([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+
+
+def test_figures_match_tolerates_the_last_digit_but_not_a_real_change():
+    committed = {"frozen_fraction": 0.09333333333333413, "values": [0.25, float("nan")], "label": "EPI", "n": 5}
+    kernel_noise = {"frozen_fraction": 0.09333333333333411, "values": [0.25 + 1e-12, float("nan")], "label": "EPI",
+                    "n": 5}
+    assert metrics.figures_match(kernel_noise, committed) == []
+    real = {**kernel_noise, "frozen_fraction": 0.09333333333333413 + 1e-4}
+    assert metrics.figures_match(real, committed) == [f"/frozen_fraction: {0.09333333333333413 + 1e-4!r} != "
+                                                      f"{0.09333333333333413!r}"]
+    assert metrics.figures_match({**kernel_noise, "label": "CPI-FT"}, committed)      # strings: exact
+    assert metrics.figures_match({**kernel_noise, "values": [0.25]}, committed)       # lengths: exact
+    assert metrics.figures_match({**kernel_noise, "extra": 1}, committed)             # keys: exact
+
+
+def test_the_frozen_fraction_does_not_depend_on_a_blas_kernel():
+    record = {"frozen_fraction": [0.08, 0.1, 0.1], "schedule": {"stages": [{"steps": 500}] * 3}}
+    assert metrics.record_metric(record, "frozen_fraction") == pytest.approx(0.28 / 3, abs=1e-15)

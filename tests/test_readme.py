@@ -20,6 +20,11 @@ def test_the_generated_results_section_is_what_the_summaries_say():
     assert README[begin:end] == report.results_markdown(SUMMARIES), "stale: run python -m epi_mini.report --write"
 
 
+def test_every_committed_summary_is_what_its_run_records_give():
+    checked = report.recompute(ROOT / "results")          # raises, naming the figure, where one differs
+    assert set(checked) == set(SUMMARIES)
+
+
 def test_every_protocol_has_five_paired_seeds():
     for name, s in SUMMARIES.items():
         assert len(s["seeds"]) >= 5, (name, s["seeds"])
