@@ -59,6 +59,10 @@ HELP = {
                     "bytes) or bits (1/8 byte)",
     "isolation_schedule": "EPI-family: one rho per stage, e.g. 0 0.1 0.1 (default: --isolation-ratio throughout)",
     "replay_importance": "EPI variant: rank entries also by the replayed rows' own gradient EMA (true/false)",
+    "base_importance": "EPI variant: rank entries also by the base's Fisher on its pretraining text, so what the "
+                       "base knew is protected too (true/false)",
+    "init": "where the weights start: base (the preset's pretrained base model), scratch (random weights, a "
+            "control) or PATH (a compatible state dict)",
     "tokenizer": "bytes (default, offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
     "gpt2_vocab": "folder holding GPT-2's vocab.bpe and encoder.json",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
@@ -320,7 +324,58 @@ def finish(out, records, options, since=None, file=None, command="python -m epi_
     next_steps(options, file=file, command=command)
 
 
+def pretrain_command(argv):
+    """``python -m epi_mini pretrain``: pretrain the preset's GPT and write its base (see epi_mini.pretrain)."""
+    from dataclasses import asdict
+
+    from . import pretrain as base
+    ap = argparse.ArgumentParser(prog="python -m epi_mini pretrain", allow_abbrev=False,
+                                 description="Pretrain the preset's GPT as a language model on this Python's "
+                                             "standard-library sources: the base model that SFT starts from.")
+    ap.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help="model size and steps (default: cpu)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    ap.add_argument("--out", default=None, metavar="STEM",
+                    help="writes STEM.pt and STEM.json (default: data/base/<preset>, the base runs start from)")
+    ap.add_argument("--threads", type=int, default=None, metavar="N", help=f"torch threads on the CPU (default: {CPU_THREADS})")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--write-data", action="store_true",
+                    help=f"rewrite data/base/{base.HELDOUT_FILE} and {base.LM_SAMPLE_FILE} from this machine's library, then stop")
+    args = ap.parse_args(argv)
+    if args.write_data:
+        base.write_lm_data()
+        print(f"wrote data/base/{base.HELDOUT_FILE} and data/base/{base.LM_SAMPLE_FILE}")
+        return 0
+    cfg = base.PRETRAIN[args.preset]
+    try:
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"invalid --steps={args.steps}: must be an integer >= 1")
+        cfg = base.PretrainConfig(**{**asdict(cfg), "steps": args.steps or cfg.steps})
+        run_cfg = make_config(args.preset)
+        device = pick_device(run_cfg.device)
+        threads = use_threads(args.threads)
+        stem = Path(args.out or base.BASE_DIR / args.preset)
+        gpt = base.GPTConfig(block_size=run_cfg.block_size, vocab_size=base.byte_tokenizer().vocab_size,
+                             n_layer=run_cfg.n_layer, n_head=run_cfg.n_head, n_embd=run_cfg.n_embd)
+        print(f"pretraining the {args.preset} preset's GPT ({gpt.n_layer} layers, {gpt.n_embd} wide) for {cfg.steps} "
+              f"steps on Python {base.platform.python_version()}'s standard library -> {stem}.pt | {device}, "
+              f"{threads} torch thread{'s' * (threads > 1)}", flush=True)
+        model, provenance = base.pretrain(gpt, cfg, checkpoint=Path(f"{stem}.ckpt"), progress=not args.no_progress,
+                                          device=device, log=print)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = base.save_base(model, provenance, stem)
+    Path(f"{stem}.ckpt").unlink(missing_ok=True)
+    print(f"wrote {path} and {path.with_suffix('.json')}; samples of what it writes:")
+    for text in provenance["samples"].values():
+        print(f"  {text!r}")
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:  # python -m epi_mini pretrain: build a base model (epi_mini.pretrain)
+        return pretrain_command(argv[1:])
     args = build_parser().parse_args(argv)
     since = time.time()
     try:

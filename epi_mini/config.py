@@ -20,6 +20,9 @@ class TrainConfig:
     n_embd: int = GPTConfig.n_embd
     block_size: int = GPTConfig.block_size
     dropout: float = GPTConfig.dropout
+    # where the weights start: "base" (the preset's pretrained base model, epi_mini.pretrain), "scratch" (random
+    # weights: training from nothing, kept as a control), or the path of a compatible state dict
+    init: str = "base"
     # data: a preset schedule over the task families (see data.make_schedule)
     schedule: str = "shifting"
     steps_per_stage: int = 500
@@ -47,6 +50,7 @@ class TrainConfig:
     mask_storage: str = "index"      # EPI's isolated set: "index" (int32), "gaps" (~1 byte each) or "bits" (1 bit/param)
     isolation_schedule: tuple = ()   # EPI-family: one rho per stage (() = isolation_ratio throughout)
     replay_importance: bool = False  # EPI variant: a second EMA fed by the replayed rows' own gradient
+    base_importance: bool = False    # EPI variant: also rank by the base's Fisher on its pretraining text (EWC-like)
     # CPI-FT (method "static")
     core_ratio: float = 0.01         # each task's core region: top fraction by probe update magnitude
     probe_steps: int = 100           # steps of each task's probe fine-tune
@@ -90,7 +94,7 @@ class TrainConfig:
         check("cpift_stages", self.cpift_stages in ("grouping", "schedule"), "'grouping' or 'schedule'")
         check("ema_storage", self.ema_storage in ("fp32", "bf16", "int8"), "'fp32', 'bf16' or 'int8'")
         check("mask_storage", self.mask_storage in ("index", "gaps", "bits"), "'index', 'gaps' or 'bits'")
-        for name in ("replay_importance", "cpift_fusion"):
+        for name in ("replay_importance", "base_importance", "cpift_fusion"):
             check(name, isinstance(getattr(self, name), bool), "True or False")
         check("isolation_schedule", isinstance(self.isolation_schedule, (tuple, list)) and all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in self.isolation_schedule),
@@ -101,6 +105,13 @@ class TrainConfig:
         check("device", self.device in ("auto", "cpu", "cuda", "mps") or str(self.device).startswith("cuda:"),
               "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         check("importance", isinstance(self.importance, str), "the name of an importance score")
+        check("init", isinstance(self.init, str) and self.init != "", "'base', 'scratch' or the path of a state dict")
+        check("base_importance", not self.base_importance or self.init != "scratch",
+              "False with init='scratch' (random weights have nothing to protect)")
+        check("base_importance", not (self.base_importance and self.replay_importance),
+              "False with replay_importance=True (one importance variant at a time)")
+        check("init", self.init in ("base", "scratch") or self.tokenizer == "bytes",
+              "'scratch' with tokenizer='gpt2' (the base models are byte-level)")
         # EPI's own checks (EvolvingIsolation runs them too, for people who use it without a config).
         check_options(self.isolation_ratio, self.mask_interval, self.ema_beta, self.warmup_steps, self.normalizer,
                       self.importance)

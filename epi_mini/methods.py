@@ -11,7 +11,8 @@
 
 The EPI-family methods (``static-epi``, ``random-mask``, ``epi``) also take ``isolation_schedule`` (one rho
 per stage, e.g. ``(0, 0.1, 0.1)``: nothing isolated before the first stage boundary, or another method's
-frozen fraction stage by stage) and, for ``epi``, ``replay_importance`` (:class:`ReplayAwareEPIUpdate`).
+frozen fraction stage by stage) and, for ``epi``, ``replay_importance`` (:class:`ReplayAwareEPIUpdate`) or
+``base_importance`` (:class:`BaseAwareEPIUpdate`: what the base knew is protected too).
 
 To add a method, write its strategy (an :class:`~epi_mini.strategy.UpdateStrategy`) and add a
 :class:`Method` to :data:`METHODS` (with a ``label``, the name in words that titles and printouts use);
@@ -25,6 +26,7 @@ import torch
 from .adaptive import AdaptiveIsolation
 from .baselines import CoreRegionPipeline
 from .epi import EvolvingIsolation, normalize, top_fraction
+from .isolation import overlap_counts
 from .strategy import PlainUpdate, UpdateStrategy
 
 
@@ -32,18 +34,58 @@ class EPIUpdate(EvolvingIsolation, UpdateStrategy):
     """:class:`~epi_mini.epi.EvolvingIsolation` as the loop's strategy: a summary for the run record, and,
     with ``stage_ratios``, rho set anew as each stage begins (the set is refreshed right away)."""
 
-    def __init__(self, params, stage_ratios=(), **options):
+    def __init__(self, params, stage_ratios=(), stage_steps=(), **options):
         super().__init__(params, **options)
-        self.stage_ratios = tuple(stage_ratios)
+        self.stage_ratios, self.stage_steps = tuple(stage_ratios), tuple(stage_steps)
+        # Anchors: the set held when a stage ended ("boundary") and a set refreshed a quarter of the way into a
+        # stage ("within"), each with the step its set was chosen at. Every later refresh logs its overlap with the
+        # latest of each, against the anchor's age: the boundary curve says how far the mask moves once the data
+        # has changed, the within curve how far it moves over as many steps when the data has not.
+        self._anchors, self._stage, self._stage_start = {}, 0, 0
 
     def begin_stage(self, stage):
+        self._stage, self._stage_start = stage, self.num_steps
+        self._anchors.pop("within", None)
         if self.stage_ratios:
             self.set_isolation_ratio(self.stage_ratios[stage])
+
+    def end_stage(self, stage):
+        if self.history:
+            self._anchors["boundary"] = {"step": self.history[-1]["step"], "set": self.isolated_indices()}
+
+    def refresh(self):
+        super().refresh()
+        entry, current = self.history[-1], self.isolated_indices()
+        for kind, anchor in self._anchors.items():
+            inter, union = overlap_counts(anchor["set"], current)
+            entry[f"jaccard_{kind}"] = [entry["step"] - anchor["step"], inter / union if union else 1.0]
+        if ("within" not in self._anchors and self.stage_steps
+                and self.num_steps - self._stage_start >= self.stage_steps[self._stage] // 4):
+            self._anchors["within"] = {"step": entry["step"], "set": current}
 
     def summary(self):
         return {"refreshes": len(self.history), "history": self.history,
                 "skipped_steps": self.skipped_steps + int(self._skipped_on_device),
                 "state_bytes": self.state_bytes()}
+
+    def state_dict(self):
+        anchors = {k: {"step": a["step"], "set": {n: i.clone() for n, i in a["set"].items()}}
+                   for k, a in self._anchors.items()}
+        return {**super().state_dict(), "anchors": anchors, "stage": self._stage, "stage_start": self._stage_start}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._anchors = {k: {"step": a["step"], "set": dict(self._by_our_names(a["set"]))}
+                         for k, a in state.get("anchors", {}).items()}
+        self._stage, self._stage_start = state.get("stage", 0), state.get("stage_start", 0)
+
+    def combined_selection(self, *others):
+        """The top-rho of each entry's largest layer-normalised score among EPI's own and ``others`` (each
+        name -> score tensor): an entry among the most important by *any* of them is isolated."""
+        combined = {n: s for n, s in ((n, normalize(s, self.normalizer)) for n, s in self.scores.items())}
+        for other in others:
+            combined = {n: torch.maximum(s, normalize(other[n], self.normalizer)) for n, s in combined.items()}
+        return top_fraction(combined, self.isolation_ratio, normalizer=None)
 
 
 class AdaptiveEPIUpdate(AdaptiveIsolation, EPIUpdate):
@@ -96,9 +138,7 @@ class ReplayAwareEPIUpdate(EPIUpdate):
                     self.replay_scores[n].lerp_((g * g).to(self.replay_scores[n].dtype), 1 - self.ema_beta)
 
     def select(self):
-        combined = {n: torch.maximum(normalize(s, self.normalizer), normalize(self.replay_scores[n], self.normalizer))
-                    for n, s in self.scores.items()}
-        return top_fraction(combined, self.isolation_ratio, normalizer=None)
+        return self.combined_selection(self.replay_scores)
 
     def state_dict(self):
         return {**super().state_dict(), "replay_scores": {n: s.clone() for n, s in self.replay_scores.items()}}
@@ -107,6 +147,52 @@ class ReplayAwareEPIUpdate(EPIUpdate):
         super().load_state_dict(state)
         for n, s in self._by_our_names(state["replay_scores"]).items():
             self.replay_scores[n].copy_(s)
+
+
+def base_fisher(model, windows, params, batch_size=64):
+    """The base's diagonal Fisher on its own text: the mean, over batches of ``windows`` (pretraining bytes), of
+    the squared gradient of the batch's LM loss -- the same kind of score as EPI's EMA, taken once, before SFT
+    changes anything. ``params``: name -> parameter (the entries to score). The model's gradients are cleared."""
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    device = next(model.parameters()).device
+    T = model.config.block_size
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    with torch.enable_grad():
+        for w in batches:
+            model.zero_grad(set_to_none=True)
+            model(w[:, :T].to(device), w[:, 1:T + 1].to(device))[1].backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n].add_(p.grad * p.grad, alpha=1 / len(batches))
+    model.zero_grad(set_to_none=True)
+    return fisher
+
+
+class BaseAwareEPIUpdate(EPIUpdate):
+    """EPI that also protects what the base knew (a mechanism variant, not the paper's EPI).
+
+    EWC protects an old task by the Fisher information of the old task's data; here the old task is
+    pretraining. Before SFT moves anything, :func:`base_fisher` scores every entry by the squared gradient of the
+    LM loss on a sample of the base's pretraining text (``data/base/lm_sample.bin``). That score stays fixed,
+    and a refresh ranks every entry by the larger of its two layer-normalised scores, the running EMA of SFT's
+    g² and the base's Fisher: an entry among the most important for the current tasks *or* for the base is
+    isolated. Same rho, same K: what changes is what "important" means.
+    """
+
+    def __init__(self, params, base_scores, **options):
+        super().__init__(params, **options)
+        self.base_scores = base_scores
+
+    def select(self):
+        return self.combined_selection(self.base_scores)
+
+    def state_dict(self):
+        return {**super().state_dict(), "base_scores": {n: s.clone() for n, s in self.base_scores.items()}}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        for n, s in self._by_our_names(state["base_scores"]).items():
+            self.base_scores[n].copy_(s)
 
 
 def epi_options(cfg):
@@ -125,10 +211,15 @@ def build_epi(run):
         raise ValueError(f"invalid isolation_schedule={cfg.isolation_schedule!r}: needs one ratio per stage "
                          f"({len(run.schedule.stages)} stages in schedule {cfg.schedule!r})")
     options["stage_ratios"] = cfg.isolation_schedule
+    options["stage_steps"] = [stage.steps for stage in run.schedule.stages]
     if cfg.method == "random-mask":
         return RandomMaskUpdate(run.model, seed=cfg.seed, **options)
     if cfg.replay_importance:
         return ReplayAwareEPIUpdate(run.model, run.schedule, **options)
+    if cfg.base_importance:
+        update = BaseAwareEPIUpdate(run.model, {}, **options)
+        update.base_scores = base_fisher(run.model, run.lm_sample(), update.params)
+        return update
     if options["mask_interval"] == "auto":
         return AdaptiveEPIUpdate(run.model, seed=cfg.seed, **options)
     return EPIUpdate(run.model, **options)

@@ -15,6 +15,11 @@ stream it is ``j`` itself, here a stage can introduce several tasks at once (or,
   at the end of that stage: how well new things are still learned.
 * retention             -- mean, over the tasks introduced before the last stage, of the final score as a
   share of the best score the task had before the last stage (1 = nothing lost).
+* base LM-loss rise      -- the model's held-out language-modelling loss on the base's pretraining corpus (nats
+  per byte) at the end, minus at the start: how much of what pretraining taught SFT overwrote (0 = nothing).
+* base gain kept         -- ``(ln V - final loss) / (ln V - starting loss)``: the share of the base's advantage
+  over a uniform guess (``ln V`` for a vocabulary of V tokens) that is left at the end; 1 = all, 0 = SFT left a
+  model no better than guessing, negative = worse than guessing.
 * average normalised score -- mean over tasks of ``final / reference``, where the reference is the score of
   a reference run (here: full multi-task SFT with the same budget), the EPI paper's summary number.
 
@@ -91,10 +96,48 @@ def earlier_final(R, first_stage) -> float:
     return float(np.mean(R[-1, cols])) if cols else float("nan")
 
 
+def lm_loss_rise(lm) -> float:
+    """Final minus starting held-out LM loss of a record's ``lm_loss`` curve (NaN where none was measured)."""
+    losses = [x for x in (lm or {}).get("loss", []) if x is not None]
+    return float(losses[-1] - losses[0]) if len(losses) > 1 else float("nan")
+
+
+def base_gain_kept(lm) -> float:
+    """Share of the starting model's gain over a uniform guess left at the end (NaN for a start with no gain
+    worth the name, 0.05 nats/byte: random weights)."""
+    losses = [x for x in (lm or {}).get("loss", []) if x is not None]
+    if len(losses) < 2 or lm["uniform"] - losses[0] < 0.05:
+        return float("nan")
+    return float((lm["uniform"] - losses[-1]) / (lm["uniform"] - losses[0]))
+
+
+LM_FIGURES = {"lm_loss_rise": lm_loss_rise, "base_gain_kept": base_gain_kept,
+              "lm_loss_start": lambda lm: float(lm["loss"][0]) if lm and lm.get("loss") else float("nan"),
+              "lm_loss_final": lambda lm: float(lm["loss"][-1]) if lm and lm.get("loss") else float("nan")}
+
+
+def plasticity_by_stage(R, first_stage) -> list:
+    """Per stage that introduces a task (in order): the mean score of its new tasks at the end of that stage.
+    :func:`plasticity` is their mean; this shows which stage carries a difference."""
+    R = np.asarray(R, dtype=float)
+    return [float(np.mean([R[i, j] for j, s in enumerate(first_stage) if s == i]))
+            for i in range(len(R)) if i in first_stage]
+
+
 def record_metric(record, name) -> float:
     """One figure of a run record by name: ``average_score``, ``forgetting``, ``backward_transfer``,
-    ``plasticity``, ``retention`` or ``earlier_final`` (from its accuracy matrix), or ``frozen_fraction`` (the
-    mean isolated share of the weights over all training steps)."""
+    ``plasticity``, ``retention`` or ``earlier_final`` (from its accuracy matrix), ``frozen_fraction`` (the
+    mean isolated share of the weights over all training steps), or, from its held-out LM-loss curve,
+    ``lm_loss_rise``, ``base_gain_kept``, ``lm_loss_start`` and ``lm_loss_final``; ``plasticity_stage<k>`` is
+    the plasticity of stage k alone (1-based; a stage that introduces no task has none)."""
+    if name in LM_FIGURES:
+        return LM_FIGURES[name](record.get("lm_loss"))
+    if name.startswith("plasticity_stage"):
+        stages = sorted(set(record["first_stage"]))
+        k = int(name[len("plasticity_stage"):]) - 1
+        if k not in stages:
+            raise ValueError(f"{name}: stage {k + 1} introduces no task (stages that do: {[s + 1 for s in stages]})")
+        return plasticity_by_stage(record["accuracy_matrix"], record["first_stage"])[stages.index(k)]
     if name == "frozen_fraction":
         steps = [s["steps"] for s in record["schedule"]["stages"]]
         # math.fsum, not np.dot: a BLAS dot product rounds differently on different CPUs (AVX2 vs AVX-512
@@ -104,7 +147,7 @@ def record_metric(record, name) -> float:
            "backward_transfer": backward_transfer, "plasticity": plasticity, "retention": retention,
            "earlier_final": earlier_final}
     if name not in fns:
-        raise ValueError(f"unknown figure {name!r}; one of {sorted(fns)}")
+        raise ValueError(f"unknown figure {name!r}; one of {sorted([*fns, *LM_FIGURES, 'frozen_fraction'])}")
     return fns[name](record["accuracy_matrix"], record["first_stage"])
 
 
@@ -164,20 +207,81 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
+def t_975(df) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (table above; 1.96 beyond 30)."""
+    return T_975[df - 1] if df <= len(T_975) else 1.96
+
+
+def _regularized_beta(a, b, x) -> float:
+    """I_x(a, b), by the continued fraction of Numerical Recipes (section 6.4); enough for p-values."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast below the mean: use the symmetry
+        return 1.0 - _regularized_beta(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+    c, d, f = 1.0, 1.0 - (a + b) * x / (a + 1), 0.0
+    d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+    f = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > 1e-300 else 1e-300
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-12:
+            break
+    return front * f
+
+
+def t_test_p(mean, sd, n) -> float:
+    """Two-sided p-value of a one-sample t-test of ``mean == 0`` (``n`` paired differences with sample std
+    ``sd``): ``I_{df/(df+t^2)}(df/2, 1/2)``."""
+    if sd == 0 or not math.isfinite(sd):
+        return 1.0 if mean == 0 or not math.isfinite(mean) else 0.0
+    t, df = mean / (sd / math.sqrt(n)), n - 1
+    return _regularized_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def holm(pvalues) -> list:
+    """Holm's step-down adjustment of a family of p-values (same order as given): the i-th smallest is multiplied
+    by (m - i + 1), and adjusted values never decrease along that order. Reject where the adjusted p < alpha: this
+    controls the chance of any false direction in the family at alpha, as Bonferroni does, with more power."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def seeds_for_half_width(sd, target, most=1000) -> int:
+    """The fewest paired seeds whose 95% t-interval half-width ``t_975(n-1) * sd / sqrt(n)`` is at most
+    ``target``, for a spread of differences ``sd`` (a pilot's estimate); ``most`` caps the answer."""
+    n = 2
+    while n < most and t_975(n - 1) * sd / math.sqrt(n) > target:
+        n += 1
+    return n
+
+
 def paired_difference(a, b) -> dict:
     """Compare two methods run with the same seeds (same initial weights, same data order), seed by seed.
 
     ``a``, ``b``: one value per seed, in the same seed order. Returns the mean of ``a - b`` with a two-sided
-    95% Student-t interval on it (``low``, ``high``), ``n``, and in how many seeds ``a`` was above / below
-    ``b``. ``separated`` is True when the interval excludes 0: only then may a direction be stated; otherwise
-    the two are "not separated" by these seeds.
+    95% Student-t interval on it (``low``, ``high``, ``half_width``), the spread of the differences ``sd``, the
+    t-test's two-sided ``p``, ``n``, and in how many seeds ``a`` was above / below ``b``. ``separated`` is True
+    when the interval excludes 0: only then may a direction be stated (for a comparison that belongs to a
+    family, after the family's correction: :func:`holm`); otherwise the two are "not separated" by these seeds.
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.size < 2:
         raise ValueError(f"a paired interval needs at least 2 seeds, got {d.size}")
     mean, sd = float(d.mean()), float(d.std(ddof=1))
-    half = (T_975[d.size - 2] if d.size - 1 <= len(T_975) else 1.96) * sd / np.sqrt(d.size)
-    return {"mean": mean, "low": float(mean - half), "high": float(mean + half), "n": int(d.size),
+    half = t_975(d.size - 1) * sd / math.sqrt(d.size)
+    return {"mean": mean, "low": float(mean - half), "high": float(mean + half), "half_width": float(half),
+            "sd": sd, "p": t_test_p(mean, sd, d.size), "n": int(d.size),
             "above": int((d > 0).sum()), "below": int((d < 0).sum()), "separated": bool(mean - half > 0 or mean + half < 0),
             "values": [float(x) for x in d]}
 

@@ -194,3 +194,57 @@ def overlap_curves(methods, title="Overlap vs lag"):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return fig
+
+
+def accuracy_grid(summary, records, title="Score after each stage", cols=4):
+    """Every cell's mean accuracy matrix, one heatmap per cell, in a grid (a protocol's overview)."""
+    labels = list(summary["methods"])
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        R = np.array([r["accuracy_matrix"] for r in records[label]])
+        stages = [st["name"] for st in records[label][0]["schedule"]["stages"]]
+        accuracy_heatmap(R.mean(0), records[label][0]["tasks"], stages, title=label, ax=ax, colorbar=False)
+    for ax in list(axes.flat)[len(labels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig
+
+
+def lm_loss_curves(runs, title="The base's held-out LM loss during SFT", ax=None):
+    """The held-out language-modelling loss on the base's corpus over training (label -> records; mean over
+    seeds, shaded min-max), with a uniform guess's loss dotted: what SFT makes the base forget."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.8))
+    first = next(iter(runs.values()))[0]
+    for label, recs in runs.items():
+        steps = recs[0]["lm_loss"]["step"]
+        ys = np.array([r["lm_loss"]["loss"] for r in recs], dtype=float)
+        line, = ax.plot(steps, ys.mean(0), label=label)
+        if len(recs) > 1:
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    for b in first["stage_boundaries"][:-1]:
+        ax.axvline(b, color="grey", ls="--", lw=0.8)
+    ax.axhline(first["lm_loss"]["uniform"], color="black", ls=":", lw=1)
+    ax.text(0, first["lm_loss"]["uniform"], " a uniform guess", fontsize=7, va="bottom")
+    ax.set(xlabel="training step (dashed: stage boundaries)", ylabel="held-out LM loss (nats per byte)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def boundary_curves(methods, title="The mask at a stage boundary", ax=None):
+    """For each method (label -> its ``boundary_overlap`` summary): the overlap of refreshed sets with the set held
+    at a stage boundary (solid) and with a set chosen a quarter of the way into a stage (dashed), against that set's age.
+    Where the solid curve falls below the dashed one, the mask moved further because the data changed."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4))
+    for k, (label, b) in enumerate(methods.items()):
+        for style, kind, name in (("-", "boundary", "since the boundary"), ("--", "within", "within a stage")):
+            c = b["curves"][kind]
+            ax.errorbar(c["age"], [v["mean"] for v in c["overlap"]], yerr=[v["std"] for v in c["overlap"]], fmt=style,
+                        marker="o", ms=3, capsize=2, color=f"C{k}", label=f"{label}: {name}")
+    ax.set(xlabel="age of the earlier set (steps)", ylabel="Jaccard overlap with the earlier set", ylim=(0, 1))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return ax

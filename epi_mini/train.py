@@ -15,6 +15,7 @@ With a ``checkpoint_dir``, the full state is saved atomically every ``checkpoint
 ``resume=True`` continues from it to the same final record (batches are a pure function of seed and step).
 """
 import io
+import math
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .evaluate import evaluate, load_eval_sets
 from .methods import METHODS, build_strategy, method_label
 from .metrics import accuracy_matrix, summarize
 from .model import GPT, GPTConfig
+from .pretrain import HELDOUT_FILE, LM_SAMPLE_FILE, lm_loss, load_base, preset_base, read_windows
 from .strategy import sft_step
 from .tasks import BUILTIN_TASKS, tasks_from_jsonl
 from .tokenizer import get_tokenizer
@@ -96,6 +98,15 @@ class Run:
         self.model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=self.tokenizer.vocab_size,
                                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                    dropout=cfg.dropout)).to(self.device)
+        # Fine-tuning starts from a pretrained base (epi_mini.pretrain): every seed from the same weights, so
+        # seeds differ only in the order of the data. The random weights above are drawn either way, so that
+        # torch's random stream is the same for "base" and "scratch".
+        self.base = None
+        if cfg.init != "scratch":
+            self.base = load_base(self.model, preset_base(cfg.preset, self.device) if cfg.init == "base" else cfg.init)
+        # What the base knew, measured at every evaluation: its held-out language-modelling loss (nats per byte).
+        # (Byte windows: a model with another tokenizer has nothing to be measured on here.)
+        self.lm_heldout = read_windows(HELDOUT_FILE) if cfg.tokenizer == "bytes" else None
         # Fused AdamW on a GPU: faster, and it can skip a non-finite step on the device (see StepLog).
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                          fused=self.device.type == "cuda")
@@ -105,6 +116,15 @@ class Run:
 
     def evaluate(self):
         return evaluate(self.model, self.tokenizer, self.eval_sets, self.tasks)
+
+    def lm_loss(self):
+        """The model's held-out language-modelling loss on the base's corpus (nats per byte; None for a model
+        whose tokens are not bytes)."""
+        return None if self.lm_heldout is None else lm_loss(self.model, self.lm_heldout)
+
+    def lm_sample(self):
+        """Windows of the base's training text (``data/base/lm_sample.bin``), for methods that protect the base."""
+        return read_windows(LM_SAMPLE_FILE)
 
     def batch(self, step):
         return self.stream.batch(step, self.rank, self.world_size)
@@ -170,6 +190,9 @@ def new_record(run: Run) -> dict:
         "loss_curve": {"step": [], "loss": []},
         "eval_curve": {"step": [], "scores": {t: [] for t in run.task_names}},
         "stage_scores": [], "isolated_fraction": [], "bad_steps": 0,
+        # The base: where the weights came from (None: random weights), and what SFT made it forget.
+        "base": run.base, "lm_loss": {"uniform": math.log(run.tokenizer.vocab_size), "step": [], "loss": []},
+        "stage_lm_loss": [],
         # Isolated share of the weights, summed over each stage's steps (the record keeps the mean per stage).
         "frozen_step_sum": [0.0] * len(run.schedule.stages),
     }
@@ -263,6 +286,9 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
         label = progress_label or f"{method_label(cfg.method)} on {cfg.schedule}"
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False,
                    desc=stage_description(label, run.schedule, run.schedule.stage_index(min(start, total - 1))))
+    if start == 0:  # the starting point: the base's own held-out loss
+        record["lm_loss"]["step"].append(0)
+        record["lm_loss"]["loss"].append(run.lm_loss())
     t0 = time.perf_counter()
     log = StepLog(running, bad_in_a_row, cfg.max_bad_steps, run.device.type == "cpu" if sync is None else sync)
     for step in range(start, total):
@@ -286,12 +312,15 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
                 record["loss_curve"]["loss"].append(mean)
         stage_end = done in boundaries
         if done % cfg.eval_interval == 0 or stage_end:
-            scores = run.evaluate()
+            scores, lm = run.evaluate(), run.lm_loss()
             record["eval_curve"]["step"].append(done)
             for t in run.task_names:
                 record["eval_curve"]["scores"][t].append(scores[t])
+            record["lm_loss"]["step"].append(done)
+            record["lm_loss"]["loss"].append(lm)
             if stage_end:
                 record["stage_scores"].append(scores)
+                record["stage_lm_loss"].append(lm)
                 record["isolated_fraction"].append(strategy.isolated_fraction())
                 strategy.end_stage(stage)
         if bar is not None:

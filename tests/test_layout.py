@@ -14,7 +14,7 @@ LAYERS = [
     "model", "tokenizer", "tasks", "data", "evaluate", "metrics",        # the lab: model, data, scores
     "compact", "inputs", "isolation", "epi", "adaptive", "drift",         # the method and its measurements
     "strategy", "baselines", "methods",                                   # update strategies, by name
-    "config", "checkpoint", "plots", "train", "runner",                   # the training loop and its runs
+    "config", "checkpoint", "pretrain", "plots", "train", "runner",       # the base, the training loop, its runs
     "hf",                                                                 # EPI in Hugging Face's Trainer (optional)
     "experiments", "report", "course", "cli",                             # protocols, their report, notebooks, CLI
     "distributed.comm", "distributed.selection", "distributed.fsdp", "distributed.checkpoint", "distributed.ddp",

@@ -17,7 +17,7 @@ def test_end_to_end_a_tiny_model_learns_one_task_well_above_chance():
     # chat's rubric gives random text 0 and the reference answers 1; a reply of the right length that ignores
     # the given letters passes only the format check (0.25). Measured: 0.77 and 0.72 for seeds 0 and 1.
     cfg = make_config("tiny", schedule="multitask", tasks=("chat",), n_layer=2, n_embd=64, batch_size=32,
-                      steps_per_stage=400, eval_interval=400, eval_size=0, learning_rate=3e-3)
+                      steps_per_stage=400, eval_interval=400, eval_size=0, learning_rate=3e-3, init="scratch")
     record = train(cfg, progress=False)
     assert record["accuracy_matrix"][-1][0] > 0.55, record["accuracy_matrix"]
     assert record["loss_curve"]["loss"][-1] < 0.5 * record["loss_curve"]["loss"][0]
