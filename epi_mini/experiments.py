@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, save_json
-from .config import make_config
+from .config import OptionParser, make_config
 from .drift import DriftRecorder
 from .metrics import (average_normalized_score, describe_difference, over_seeds, paired_difference,
                       record_metric)
@@ -494,7 +494,7 @@ def protocol(name):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m epi_mini.experiments", description=__doc__,
+    ap = OptionParser(prog="python -m epi_mini.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("protocols", nargs="+", help=f"{', '.join(PROTOCOLS)} or all")
     ap.add_argument("--preset", default="cpu", help="tiny, cpu (default) or gpu")
