@@ -117,21 +117,29 @@ def epi_options(cfg):
                 ema_storage=cfg.ema_storage, mask_storage=cfg.mask_storage)
 
 
-def build_epi(run):
+def build_epi(run, mixin=None, **extra):
     """An EPI-family strategy for a run: EPI refreshed every K steps, once (``static-epi``), when it has drifted
-    (``"auto"``), a random set (``random-mask``), or with replay-aware importance."""
+    (``"auto"``), a random set (``random-mask``), or with replay-aware importance.
+
+    ``mixin``: a class whose methods come first (e.g. epi_mini.distributed's check that every rank agrees, or
+    EPI on FSDP2 shards), combined with the class the config names, so that every option is honoured with it;
+    ``extra``: the mixin's own keyword arguments."""
     cfg, options = run.cfg, epi_options(run.cfg)
     if cfg.isolation_schedule and len(cfg.isolation_schedule) != len(run.schedule.stages):
         raise ValueError(f"invalid isolation_schedule={cfg.isolation_schedule!r}: needs one ratio per stage "
                          f"({len(run.schedule.stages)} stages in schedule {cfg.schedule!r})")
     options["stage_ratios"] = cfg.isolation_schedule
     if cfg.method == "random-mask":
-        return RandomMaskUpdate(run.model, seed=cfg.seed, **options)
-    if cfg.replay_importance:
-        return ReplayAwareEPIUpdate(run.model, run.schedule, **options)
-    if options["mask_interval"] == "auto":
-        return AdaptiveEPIUpdate(run.model, seed=cfg.seed, **options)
-    return EPIUpdate(run.model, **options)
+        cls, more = RandomMaskUpdate, {"seed": cfg.seed}
+    elif cfg.replay_importance:
+        cls, more = ReplayAwareEPIUpdate, {"schedule": run.schedule}
+    elif options["mask_interval"] == "auto":
+        cls, more = AdaptiveEPIUpdate, {"seed": cfg.seed}
+    else:
+        cls, more = EPIUpdate, {}
+    if mixin is not None:
+        cls = mixin if issubclass(mixin, cls) else type(mixin.__name__ + cls.__name__, (mixin, cls), {})
+    return cls(run.model, **more, **extra, **options)
 
 
 def build_cpift(run):

@@ -22,13 +22,14 @@ does not use this package: ``python -m epi_mini`` runs no distributed code.
 """
 from .checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, save_sharded_weights
 from .comm import assert_same_on_all_ranks, count_communication
-from .ddp import DistributedRun, SyncCheckedIsolation, init_distributed, isolation_checksum
+from .ddp import (DistributedRun, SyncCheck, SyncCheckedIsolation, check_distributed_options, init_distributed,
+                  isolation_checksum)
 from .fsdp import FSDPEvolvingIsolation, check_fsdp_options, reshard, shard_model
 from .launch import build_parser, main
 from .selection import order_preserving_keys, selection_cost, shard_range, sharded_top_fraction, ties_taken_by_rank
 
-__all__ = ["DistributedRun", "FSDPEvolvingIsolation", "SyncCheckedIsolation", "assert_same_on_all_ranks",
-           "build_parser", "check_fsdp_options", "count_communication", "init_distributed", "isolation_checksum",
-           "load_sharded_checkpoint", "main", "order_preserving_keys", "reshard", "save_sharded_checkpoint",
-           "save_sharded_weights", "selection_cost", "shard_model", "shard_range", "sharded_top_fraction",
-           "ties_taken_by_rank"]
+__all__ = ["DistributedRun", "FSDPEvolvingIsolation", "SyncCheck", "SyncCheckedIsolation", "assert_same_on_all_ranks",
+           "build_parser", "check_distributed_options", "check_fsdp_options", "count_communication",
+           "init_distributed", "isolation_checksum", "load_sharded_checkpoint", "main", "order_preserving_keys",
+           "reshard", "save_sharded_checkpoint", "save_sharded_weights", "selection_cost", "shard_model", "shard_range",
+           "sharded_top_fraction", "ties_taken_by_rank"]
