@@ -101,12 +101,15 @@ class ReplayAwareEPIUpdate(EPIUpdate):
         return top_fraction(combined, self.isolation_ratio, normalizer=None)
 
     def state_dict(self):
-        return {**super().state_dict(), "replay_scores": {n: s.clone() for n, s in self.replay_scores.items()}}
+        # The current stage's tasks too: a run resumed mid-stage does not begin that stage again.
+        return {**super().state_dict(), "replay_scores": {n: s.clone() for n, s in self.replay_scores.items()},
+                "own_tasks": sorted(self.own_tasks)}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         for n, s in self._by_our_names(state["replay_scores"]).items():
             self.replay_scores[n].copy_(s)
+        self.own_tasks = set(state.get("own_tasks", self.own_tasks))
 
 
 def epi_options(cfg):
