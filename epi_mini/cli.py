@@ -62,7 +62,7 @@ HELP = {
                     "bytes) or bits (1/8 byte)",
     "isolation_schedule": "EPI-family: one rho per stage, e.g. 0 0.1 0.1",
     "replay_importance": "EPI variant: rank entries also by the replayed rows' own gradient EMA (true/false)",
-    "tokenizer": "bytes (default, offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
+    "tokenizer": "bytes (offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
     "gpt2_vocab": "folder holding GPT-2's vocab.bpe and encoder.json",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
     "max_bad_steps": "consecutive non-finite steps tolerated before the run stops",
