@@ -13,6 +13,7 @@ Robustness: a step whose loss or gradient is not finite is skipped (weights, opt
 untouched) and counted; more than ``max_bad_steps`` in a row stops the run with :class:`TrainingDiverged`.
 With a ``checkpoint_dir``, the full state is saved atomically every ``checkpoint_every`` steps, and
 ``resume=True`` continues from it to the same final record (batches are a pure function of seed and step).
+Ctrl-C raises :class:`TrainingInterrupted`, which says how far training got and where its last checkpoint is.
 """
 import io
 import time

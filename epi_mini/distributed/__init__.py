@@ -1,6 +1,7 @@
 """EPI beyond one process: data parallel (DDP) and fully sharded (PyTorch FSDP2), with ``torch.distributed``.
 
-Launch (one process per GPU, or per CPU socket with gloo; every ``python -m epi_mini`` option works)::
+Launch (one process per GPU, or per CPU socket with gloo; every ``python -m epi_mini`` option is honoured or,
+before launch, refused with a message: :func:`~.ddp.check_distributed_options`)::
 
     torchrun --standalone --nproc_per_node=N -m epi_mini.distributed --method epi [--fsdp] [--check-sync]
 
@@ -13,7 +14,8 @@ root; every parameter is a ``DTensor`` and each rank keeps only its dim-0 shard 
 (reduce-scattered) gradients, of AdamW's moments and of EPI's importance EMA and isolated set. EPI's masked
 step runs on the local shards around FSDP2's own optimizer step; its global top-rho is found by an exact
 distributed selection (:mod:`.selection`) that never gathers the scores. Checkpoints and final weights are
-written shard by shard with ``torch.distributed.checkpoint`` (:mod:`.checkpoint`); resume is exact.
+written shard by shard with ``torch.distributed.checkpoint`` (:mod:`.checkpoint`), every file with its
+sha256, and read back without running code; resume is exact.
 
 The modules, in reading order: :mod:`.comm` (every collective, counted), :mod:`.selection` (exact top-rho
 over sharded scores), :mod:`.fsdp` (EPI on FSDP2 shards), :mod:`.checkpoint` (sharded checkpoints),

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMeta
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint import CheckpointError, OutputError, damaged, load_checkpoint, save_checkpoint, sha256_of_file
-from .comm import on_rank0
+from .comm import _all_gather_object, on_rank0
 
 SHARDS_PREFIX = "shards-step"
 
@@ -153,21 +153,12 @@ def _share(names, group):
     return sorted(names)[rank::size]
 
 
-def _gather(value, group):
-    """Every rank's ``value``, in rank order (just ``[value]`` without a process group)."""
-    if not dist.is_initialized():
-        return [value]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, value, group=group)
-    return out
-
-
 def shard_checksums(folder, group=None):
     """``{file name: sha256}`` of every file in the shard folder ``folder``, the same dict on every rank (each
     rank hashes its share of the files; one all-gather). A collective."""
     mine = {name: sha256_of_file(Path(folder) / name) for name in _share([p.name for p in Path(folder).iterdir()],
                                                                           group)}
-    return {name: digest for part in _gather(mine, group) for name, digest in part.items()}
+    return {name: digest for part in _all_gather_object(mine, group) for name, digest in part.items()}
 
 
 def verify_shard_checksums(folder, recorded, group=None):
@@ -182,7 +173,7 @@ def verify_shard_checksums(folder, recorded, group=None):
         found = sha256_of_file(path)
         if found != recorded[name]:
             problems.append(str(damaged(path, recorded[name], found)))
-    problems = [p for part in _gather(problems, group) for p in part]
+    problems = [p for part in _all_gather_object(problems, group) for p in part]
     if problems:
         raise CheckpointError("; ".join(problems))
 

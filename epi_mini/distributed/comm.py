@@ -1,5 +1,5 @@
-"""Every collective of :mod:`epi_mini.distributed` goes through here, so it can be counted and checked (except
-those of torch.distributed.checkpoint, which saves and loads the sharded checkpoints)."""
+"""Every collective of :mod:`epi_mini.distributed` goes through here, so it can be counted and checked
+(torch.distributed.checkpoint's own, and the barrier before the process group is destroyed, aside)."""
 from contextlib import contextmanager
 
 import torch
@@ -34,6 +34,16 @@ def _all_gather(tensor, group=None):
         _comm_log.append(("all_gather", tensor.numel() * tensor.element_size()))
     out = torch.empty((dist.get_world_size(group), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
     dist.all_gather(list(out.unbind(0)), tensor, group=group)  # rows of one buffer: no copies afterwards
+    return out
+
+
+def _all_gather_object(value, group=None):
+    """Every rank's picklable ``value``, in rank order (``[value]`` when no process group exists); for the
+    checkpoints' bookkeeping (checksums, random generator states), not counted."""
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..methods import EPIUpdate, build_epi
 from ..train import Run, pick_device
 from .checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, save_sharded_weights
-from .comm import _all_reduce, assert_same_on_all_ranks, on_rank0
+from .comm import _all_gather_object, _all_reduce, assert_same_on_all_ranks, on_rank0
 from .fsdp import FSDPEvolvingIsolation, check_fsdp_options, reshard, shard_model
 
 EPI_FAMILY = ("epi", "static-epi", "random-mask")
@@ -177,8 +177,7 @@ class DistributedRun(Run):
     # checkpoint keeps every rank's random number generator (a rank with a smaller slice of the batch draws
     # fewer dropout masks), and the world sizes the seed has trained with.
     def write_checkpoint(self, folder, strategy, state):
-        generators = [None] * self.world_size
-        dist.all_gather_object(generators, torch.get_rng_state(), group=self.group)
+        generators = _all_gather_object(torch.get_rng_state(), self.group)
         state = {**state, "torch_rng_by_rank": generators, "world_sizes": self.world_sizes}
         if not self.fsdp:
             return super().write_checkpoint(folder, strategy, state)
