@@ -49,10 +49,11 @@ def output_error(path, error: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {reason}{f' ({code})' if code else ''}; what was there is unchanged")
 
 
-def _umask():
+def new_file_mode():
+    """The permissions a new file of this user gets: 0666 minus the umask."""
     mask = os.umask(0)  # the only way to read it is to set it; put it straight back
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _atomic_write(path, data: bytes):
@@ -60,7 +61,7 @@ def _atomic_write(path, data: bytes):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); the file is an ordinary output
+        os.fchmod(fd, new_file_mode())  # mkstemp makes it private (0600); the file is an ordinary output
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

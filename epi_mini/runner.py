@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint, output_error, save_json
+from .checkpoint import CheckpointError, load_checkpoint, new_file_mode, output_error, save_json
 from .config import make_config
 from .methods import method_label
 from .metrics import forgetting_per_task
@@ -230,6 +230,7 @@ class OutputLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".lock.", suffix=".tmp")
+            os.fchmod(fd, new_file_mode())  # mkstemp's file is private (0600); this one is an ordinary file
             with os.fdopen(fd, "w") as f:
                 f.write(self.me + "\n")
             for _ in range(3):

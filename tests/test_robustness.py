@@ -333,9 +333,10 @@ def test_written_files_have_the_users_umask_not_0600(tmp_path):
     try:
         save_json(tmp_path / "a.json", {})
         save_checkpoint(tmp_path, {"config": {}, "step": 0})
+        OutputLock(tmp_path).acquire()
     finally:
         os.umask(mask)
-    for name in ("a.json", CHECKPOINT_NAME):
+    for name in ("a.json", CHECKPOINT_NAME, ".lock"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
 
 
