@@ -70,7 +70,8 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         return 2
     launcher["world_size"] = world_size
-    command = launcher_command(launcher)
+    # What to try next (cli.next_steps): after EPI, CPI-FT, which FSDP2 refuses, so that command runs under DDP.
+    command = launcher_command({**launcher, "fsdp": launcher["fsdp"] and configs[0].method != "epi"})
 
     def annotate(record, run):
         record["distributed"] = {"world_size": run.world_size, "backend": dist.get_backend(), "fsdp": args.fsdp}
