@@ -732,6 +732,7 @@ def test_an_interrupted_save_of_the_weights_leaves_nothing_in_the_way(checkpoint
         assert result["failures"]["leftovers"] == ["weights.dcp"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note on a one-process save and load
 def test_a_crafted_dcp_pair_is_refused_before_dcp_can_run_it(tmp_path):
     """The attack in its smallest form: metadata whose entry is "bytes", pointing at a shard file that holds a
     pickle calling os.system. DCP's own reader runs it (the control: the pair is armed); ours refuses it."""
