@@ -20,7 +20,7 @@ import time
 import torch
 
 from epi_mini.compact import BlockwiseEMA8
-from epi_mini.config import make_config
+from epi_mini.config import OptionParser, make_config
 from epi_mini.drift import jaccard
 from epi_mini.epi import EvolvingIsolation, top_fraction
 from epi_mini.isolation import indices_to_masks
@@ -136,7 +136,7 @@ def int8_overlap(steps, interval=50):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (about 2 minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="step-time repeats (default 5, quick 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

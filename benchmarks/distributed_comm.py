@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from epi_mini.config import make_config
+from epi_mini.config import OptionParser, make_config
 from epi_mini.distributed import count_communication, selection_cost, shard_range, sharded_top_fraction
 from epi_mini.epi import top_fraction
 from epi_mini.model import GPT, GPTConfig
@@ -113,7 +113,7 @@ def _measure(rank, ranks, port, n_params, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measure", action="store_true", help="also time both ways with gloo processes")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--params", type=int, default=1_000_000)

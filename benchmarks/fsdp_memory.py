@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from epi_mini.config import make_config
+from epi_mini.config import OptionParser, make_config
 from epi_mini.distributed import sharded_top_fraction
 from epi_mini.epi import EvolvingIsolation
 from epi_mini.model import GPT, GPTConfig
@@ -128,7 +128,7 @@ def human(n):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 8, 64])
     ap.add_argument("--isolation-ratio", type=float, default=0.1)
     args = ap.parse_args()

@@ -8,7 +8,10 @@ writes to ``runs/<method>-<schedule>/``: ``options.json`` (what ``--resume`` rea
 written atomically, so a run that is cut off leaves no half-written output.
 
 ``--resume DIR`` needs no other option: the options saved in ``DIR/options.json`` are used, an unfinished
-seed continues from its checkpoint, and an option repeated with another value is refused, naming it.
+seed continues from its checkpoint, and an option repeated with another value is refused, naming it. A new run
+into a folder that holds another run is refused (``--overwrite`` replaces it), and so is ``--resume`` of a
+folder that holds no run. Ctrl-C prints one line -- the step reached, the last checkpoint, the command that
+continues -- and exits with status 130.
 """
 import argparse
 import os
@@ -18,13 +21,14 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, save_json
-from .config import PRESETS, TrainConfig, make_config
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, OutputError, save_json
+from .config import PRESETS, OptionParser, TrainConfig, make_config
 from .data import SCHEDULE_NAMES
 from .epi import IMPORTANCE_SCORES, NORMALIZERS
 from .methods import METHODS, method_label
 from .metrics import summarize_seeds
-from .runner import OPTIONS_NAME, check_run_options, load_run_options, resume_options, run_options, run_seeds
+from .runner import (LOCK_NAME, OPTIONS_NAME, SINGLE_PROCESS, check_run_options, holds_run, launcher_command,
+                     load_run_options, resume_options, run_options, run_seeds)
 from .tasks import BUILTIN_TASKS, DataFormatError
 from .train import CPU_THREADS, pick_device, use_threads
 
@@ -57,13 +61,13 @@ HELP = {
     "ema_storage": "EPI's importance EMA: fp32 (4 bytes a parameter), bf16 (2) or int8 (1.016)",
     "mask_storage": "EPI's isolated set: index (int32 indices: 4 rho bytes a parameter, fastest), gaps (about rho "
                     "bytes) or bits (1/8 byte)",
-    "isolation_schedule": "EPI-family: one rho per stage, e.g. 0 0.1 0.1 (default: --isolation-ratio throughout)",
+    "isolation_schedule": "EPI-family: one rho per stage, e.g. 0 0.1 0.1",
     "replay_importance": "EPI variant: rank entries also by the replayed rows' own gradient EMA (true/false)",
     "base_importance": "EPI variant: rank entries also by the base's Fisher on its pretraining text, so what the "
                        "base knew is protected too (true/false)",
     "init": "where the weights start: base (the preset's pretrained base model), scratch (random weights, a "
             "control) or PATH (a compatible state dict)",
-    "tokenizer": "bytes (default, offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
+    "tokenizer": "bytes (offline) or gpt2 (needs --gpt2-vocab or tiktoken's cache)",
     "gpt2_vocab": "folder holding GPT-2's vocab.bpe and encoder.json",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
     "max_bad_steps": "consecutive non-finite steps tolerated before the run stops",
@@ -72,6 +76,7 @@ HELP = {
 EMPTY_DEFAULT = {
     "tasks": f"default: all five families, {' '.join(BUILTIN_TASKS)}",
     "task_files": "default: none",
+    "isolation_schedule": "default: --isolation-ratio throughout",
     "gpt2_vocab": "default: none, tiktoken's own cache is used",
 }
 DEFAULT_SEEDS = (0, 1, 2)
@@ -97,7 +102,7 @@ def _boolean(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OptionParser(
         prog="python -m epi_mini",
         description="Train a tiny GPT with SFT on a multi-task schedule and report forgetting. "
                     "Options left out take the preset's value.")
@@ -113,6 +118,12 @@ def build_parser():
                         "option needed): finished seeds are kept, others continue from their last checkpoint. "
                         "--device, --no-progress and --checkpoint-every may change; another option repeated "
                         "with a different value is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the output folder (without it, a new run into a folder that "
+                        "holds one is refused)")
+    p.add_argument("--allow-world-size-change", action="store_true",
+                   help="with --resume: continue a run with another number of processes than it was started with "
+                        "(the result is then close to the uninterrupted run's, not bit for bit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help=f"torch threads for CPU training (default: {CPU_THREADS}; more threads are faster only on an "
@@ -216,25 +227,31 @@ def config_overrides(args):
     return overrides
 
 
-def resolve_options(args, warn=None):
+def resolve_options(args, warn=None, launcher=None):
     """``(options, out)`` for parsed arguments: the options of a new run, or, with ``--resume DIR``, those
     saved in ``DIR/options.json`` with what the command line may change (see
     :func:`epi_mini.runner.resume_options`). Raises ``ValueError`` naming the option that is refused.
-    ``warn(line)`` is told when a folder to resume has no saved options (a run from an older epi-mini)."""
-    overrides = config_overrides(args)
+    ``launcher``: how this run is launched (default: one process, :data:`epi_mini.runner.SINGLE_PROCESS`); a
+    resume launched otherwise than its run was is refused. ``warn(line)`` is told when a folder to resume has
+    no saved options (a run from an older epi-mini)."""
+    overrides, launcher = config_overrides(args), launcher or SINGLE_PROCESS
     check_run_options(args.checkpoint_every or 0, args.resume)
     if args.resume:
+        if args.overwrite:
+            raise ValueError(f"--overwrite and --resume {args.resume} exclude each other: --resume continues the "
+                             "run in that folder, --overwrite replaces it")
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise ValueError(f"--out {args.out} differs from --resume {args.resume}: a resumed run writes to the "
                              "folder it continues; leave --out out")
         saved = load_run_options(args.resume)
         if saved is not None:
-            return resume_options(saved, args.preset, args.seeds, overrides, args.checkpoint_every), Path(args.resume)
+            return resume_options(saved, args.preset, args.seeds, overrides, args.checkpoint_every, launcher,
+                                  args.resume, args.allow_world_size_change), Path(args.resume)
         if warn is not None:
             warn(f"note: {args.resume} has no {OPTIONS_NAME} (a run from an older epi-mini): resuming with the "
                  "options on this command line, which must be the ones it was started with")
     options = run_options(args.preset or DEFAULT_PRESET, args.seeds or list(DEFAULT_SEEDS), overrides,
-                          args.checkpoint_every or 0)
+                          args.checkpoint_every or 0, launcher)
     first = configs_of(options)[0]
     return options, Path(args.resume or args.out or f"runs/{first.method}-{first.schedule}")
 
@@ -262,6 +279,12 @@ def describe(name, records):
         return f"seed {stem[4:-3]}'s final weights (torch.load(path, weights_only=True) gives the state_dict)"
     if stem.startswith("checkpoint-seed") and name.endswith("/" + CHECKPOINT_NAME):
         return f"seed {stem[15:]}'s last checkpoint, what --resume continues from (not needed once it finished)"
+    if stem.startswith("checkpoint-seed") and "/shards-step" in name:
+        return f"a shard file of seed {stem[15:]}'s last checkpoint (torch.distributed.checkpoint)"
+    if stem.startswith("seed") and stem.endswith(".dcp"):
+        return f"seed {stem[4:-4]}'s final weights, sharded (torch.distributed.checkpoint)"
+    if name == LOCK_NAME:
+        return "the lock of the run that writes this folder (removed when it ends)"
     if name.endswith(".tmp"):
         return "a temporary file left by an interrupted write (safe to delete)"
     return "not written by epi-mini"
@@ -324,14 +347,27 @@ def finish(out, records, options, since=None, file=None, command="python -m epi_
     next_steps(options, file=file, command=command)
 
 
+# What the command line reports as one "error: ..." line (exit status 2) instead of a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, DataFormatError, OutputError)
+
+
+def interrupted_line(error, out, launcher=SINGLE_PROCESS):
+    """The one line Ctrl-C prints: where the run stood (``error``'s message) and the exact command that
+    continues it, when ``out`` holds a run to continue."""
+    where = str(error) or "interrupted"
+    if out is not None and holds_run(out):
+        return f"{where}; continue with: {launcher_command(launcher, shlex.quote(str(out)))}"
+    return f"{where}; nothing was written, so there is nothing to resume"
+
+
 def pretrain_command(argv):
     """``python -m epi_mini pretrain``: pretrain the preset's GPT and write its base (see epi_mini.pretrain)."""
     from dataclasses import asdict
 
     from . import pretrain as base
-    ap = argparse.ArgumentParser(prog="python -m epi_mini pretrain", allow_abbrev=False,
-                                 description="Pretrain the preset's GPT as a language model on this Python's "
-                                             "standard-library sources: the base model that SFT starts from.")
+    ap = OptionParser(prog="python -m epi_mini pretrain",
+                      description="Pretrain the preset's GPT as a language model on this Python's "
+                                  "standard-library sources: the base model that SFT starts from.")
     ap.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help="model size and steps (default: cpu)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     ap.add_argument("--out", default=None, metavar="STEM",
@@ -377,7 +413,7 @@ def main(argv=None):
     if argv[:1] == ["pretrain"]:  # python -m epi_mini pretrain: build a base model (epi_mini.pretrain)
         return pretrain_command(argv[1:])
     args = build_parser().parse_args(argv)
-    since = time.time()
+    since, out = time.time(), None
     try:
         options, out = resolve_options(args, warn=lambda line: print(line, file=sys.stderr))
         configs = configs_of(options)
@@ -387,9 +423,13 @@ def main(argv=None):
               f"{' '.join(str(c.seed) for c in configs)} -> {out}/ | {pick_device(first.device)}, {threads} torch "
               f"thread{'s' * (threads > 1)} (--threads)", flush=True)
         records = run_seeds(configs, out, resume=bool(args.resume), checkpoint_every=options["checkpoint_every"],
-                            progress=not args.no_progress, options=options, log=lambda line: print(line, flush=True))
-    except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
+                            progress=not args.no_progress, options=options, log=lambda line: print(line, flush=True),
+                            overwrite=args.overwrite, allow_world_size_change=args.allow_world_size_change)
+        finish(out, records, options, since)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; 130 is the shell's status for SIGINT
+        print(interrupted_line(e, out), file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finish(out, records, options, since)
     return 0

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import atomic_write_bytes, save_json
-from .config import make_config
+from .config import OptionParser, make_config
 from .drift import DriftRecorder
 from .metrics import (average_normalized_score, describe_difference, holm, over_seeds, paired_difference, record_metric,
                       seeds_for_half_width)
@@ -691,7 +691,7 @@ def protocol(name):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m epi_mini.experiments", description=__doc__, allow_abbrev=False,
+    ap = OptionParser(prog="python -m epi_mini.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("protocols", nargs="+", help=f"{', '.join(PROTOCOLS)} or all")
     ap.add_argument("--preset", default="cpu", help="tiny, cpu (default) or gpu")

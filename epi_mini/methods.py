@@ -141,12 +141,15 @@ class ReplayAwareEPIUpdate(EPIUpdate):
         return self.combined_selection(self.replay_scores)
 
     def state_dict(self):
-        return {**super().state_dict(), "replay_scores": {n: s.clone() for n, s in self.replay_scores.items()}}
+        # The current stage's tasks too: a run resumed mid-stage does not begin that stage again.
+        return {**super().state_dict(), "replay_scores": {n: s.clone() for n, s in self.replay_scores.items()},
+                "own_tasks": sorted(self.own_tasks)}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         for n, s in self._by_our_names(state["replay_scores"]).items():
             self.replay_scores[n].copy_(s)
+        self.own_tasks = set(state.get("own_tasks", self.own_tasks))
 
 
 def base_fisher(model, windows, params, batch_size=64):
@@ -203,9 +206,13 @@ def epi_options(cfg):
                 ema_storage=cfg.ema_storage, mask_storage=cfg.mask_storage)
 
 
-def build_epi(run):
+def build_epi(run, mixin=None, **extra):
     """An EPI-family strategy for a run: EPI refreshed every K steps, once (``static-epi``), when it has drifted
-    (``"auto"``), a random set (``random-mask``), or with replay-aware importance."""
+    (``"auto"``), a random set (``random-mask``), or with replay-aware importance.
+
+    ``mixin``: a class whose methods come first (e.g. epi_mini.distributed's check that every rank agrees, or
+    EPI on FSDP2 shards), combined with the class the config names, so that every option is honoured with it;
+    ``extra``: the mixin's own keyword arguments."""
     cfg, options = run.cfg, epi_options(run.cfg)
     if cfg.isolation_schedule and len(cfg.isolation_schedule) != len(run.schedule.stages):
         raise ValueError(f"invalid isolation_schedule={cfg.isolation_schedule!r}: needs one ratio per stage "
@@ -213,16 +220,21 @@ def build_epi(run):
     options["stage_ratios"] = cfg.isolation_schedule
     options["stage_steps"] = [stage.steps for stage in run.schedule.stages]
     if cfg.method == "random-mask":
-        return RandomMaskUpdate(run.model, seed=cfg.seed, **options)
-    if cfg.replay_importance:
-        return ReplayAwareEPIUpdate(run.model, run.schedule, **options)
-    if cfg.base_importance:
-        update = BaseAwareEPIUpdate(run.model, {}, **options)
+        cls, more = RandomMaskUpdate, {"seed": cfg.seed}
+    elif cfg.replay_importance:
+        cls, more = ReplayAwareEPIUpdate, {"schedule": run.schedule}
+    elif cfg.base_importance:
+        cls, more = BaseAwareEPIUpdate, {"base_scores": {}}
+    elif options["mask_interval"] == "auto":
+        cls, more = AdaptiveEPIUpdate, {"seed": cfg.seed}
+    else:
+        cls, more = EPIUpdate, {}
+    if mixin is not None:
+        cls = mixin if issubclass(mixin, cls) else type(mixin.__name__ + cls.__name__, (mixin, cls), {})
+    update = cls(run.model, **more, **extra, **options)
+    if cfg.base_importance:  # the base's Fisher, scored before SFT moves anything
         update.base_scores = base_fisher(run.model, run.lm_sample(), update.params)
-        return update
-    if options["mask_interval"] == "auto":
-        return AdaptiveEPIUpdate(run.model, seed=cfg.seed, **options)
-    return EPIUpdate(run.model, **options)
+    return update
 
 
 def build_cpift(run):

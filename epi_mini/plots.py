@@ -4,6 +4,8 @@ import os
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .checkpoint import output_error
+
 
 # One line style and marker per task, so that tasks whose curves lie on top of each other (two tasks at 0,
 # say) can still be told apart.
@@ -72,13 +74,20 @@ def task_curves(records, title="Held-out score per task during training", ax=Non
 
 
 def save(fig_or_ax, path):
-    """Save a figure atomically (temporary file, then rename)."""
+    """Save a figure atomically (temporary file, then rename); a failed write raises
+    :class:`~epi_mini.checkpoint.OutputError` naming the file."""
     fig = getattr(fig_or_ax, "figure", fig_or_ax)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise output_error(path, e) from None
+    finally:
+        plt.close(fig)
 
 
 def retention_plasticity(points, records=None, title="Retention vs plasticity", ax=None):

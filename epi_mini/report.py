@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import OptionParser
 from .experiments import PROTOCOLS, _ms  # _ms: mean ± std, or a dash where there is nothing to measure
 from .metrics import describe_difference, figures_match
 
@@ -112,7 +113,7 @@ def replace_in(text, block):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m epi_mini.report", description=__doc__,
+    ap = OptionParser(prog="python -m epi_mini.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--write", action="store_true", help="replace the section in README.md")

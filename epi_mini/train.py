@@ -13,6 +13,7 @@ Robustness: a step whose loss or gradient is not finite is skipped (weights, opt
 untouched) and counted; more than ``max_bad_steps`` in a row stops the run with :class:`TrainingDiverged`.
 With a ``checkpoint_dir``, the full state is saved atomically every ``checkpoint_every`` steps, and
 ``resume=True`` continues from it to the same final record (batches are a pure function of seed and step).
+Ctrl-C raises :class:`TrainingInterrupted`, which says how far training got and where its last checkpoint is.
 """
 import io
 import math
@@ -36,6 +37,15 @@ from .tokenizer import get_tokenizer
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`, with where training stood: ``step`` steps done of ``total``, and the step of
+    the last checkpoint written or resumed from (``checkpoint_step``; None when there is none)."""
+
+    def __init__(self, step, total, checkpoint_step=None):
+        super().__init__(step, total, checkpoint_step)
+        self.step, self.total, self.checkpoint_step = step, total, checkpoint_step
 
 
 def pick_device(requested="auto") -> torch.device:
@@ -145,22 +155,29 @@ class Run:
         """The update strategy of ``cfg.method`` (see :mod:`epi_mini.methods`)."""
         return build_strategy(self)
 
+    def on_main(self, action):
+        """``action()`` in the main process only (the one that writes files), and its result there. A distributed
+        run (epi_mini.distributed) also makes every other process raise when it fails, so that none of them
+        waits in a collective for a process that has stopped."""
+        return action() if self.is_main else None
+
     # Where the state goes. A sharded run (epi_mini.distributed, --fsdp) overrides these three: each of its
     # processes holds a different shard, so every process writes and reads its own part.
     def write_checkpoint(self, folder, strategy, state):
         """Save the loop's ``state`` (step, record, ...) with the model's, optimizer's and ``strategy``'s state
-        dicts, atomically; only the main process writes."""
-        if self.is_main:
-            save_checkpoint(folder, {**state, "model": self.model.state_dict(),
-                                     "optimizer": self.optimizer.state_dict(), "strategy": strategy.state_dict()})
+        dicts and the number of processes, atomically; only the main process writes."""
+        self.on_main(lambda: save_checkpoint(folder, {
+            **state, "world_size": self.world_size, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "strategy": strategy.state_dict()}))
 
     def read_checkpoint(self, folder, strategy):
         """Restore the model, the optimizer and ``strategy`` from the checkpoint in ``folder``; return the
         checkpoint (the loop reads its own entries from it), or None when there is none yet."""
         state = load_checkpoint(folder, self.cfg)
-        if state is not None and "model" not in state:
-            raise CheckpointError(f"{folder} holds a sharded checkpoint (written by an FSDP2 run): resume it with "
-                                  "torchrun ... -m epi_mini.distributed --fsdp")
+        if state is not None and ("shards" in state or "model" not in state):
+            raise CheckpointError(f"{folder} holds a sharded checkpoint, written by an FSDP2 run: resume it with "
+                                  "torchrun --standalone --nproc_per_node=N -m epi_mini.distributed --fsdp --resume "
+                                  "DIR, with the N it was started with")
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -170,10 +187,12 @@ class Run:
     def write_weights(self, stem):
         """Save the final weights as ``<stem>.pt`` (atomically; main process only) and return that path."""
         path = Path(f"{stem}.pt")
-        if self.is_main:
+
+        def write():
             buffer = io.BytesIO()
             torch.save(self.model.state_dict(), buffer)
             atomic_write_bytes(path, buffer.getvalue())
+        self.on_main(write)
         return path
 
 
@@ -291,55 +310,61 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
         record["lm_loss"]["loss"].append(run.lm_loss())
     t0 = time.perf_counter()
     log = StepLog(running, bad_in_a_row, cfg.max_bad_steps, run.device.type == "cpu" if sync is None else sync)
-    for step in range(start, total):
-        stage = run.schedule.stage_index(step)
-        if step == 0 or step in boundaries:
-            strategy.begin_stage(stage)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        # A skipped (non-finite) step leaves weights, optimizer moments and importance scores as they were.
-        log.add(sft_step(run.loss_on, run.batch(step), run.model.parameters(), run.optimizer, strategy,
-                         cfg.grad_clip, sync=log.sync), step, cfg.learning_rate)
-        record["frozen_step_sum"][stage] += strategy.isolated_fraction()
-        if on_step is not None:
-            on_step(step, run, strategy)
-        done = step + 1
-        if done % log_interval == 0 or done == total:
-            log.settle(step, cfg.learning_rate)
-            mean = log.take_mean()
-            if mean is not None:
-                record["loss_curve"]["step"].append(done)
-                record["loss_curve"]["loss"].append(mean)
-        stage_end = done in boundaries
-        if done % cfg.eval_interval == 0 or stage_end:
-            scores, lm = run.evaluate(), run.lm_loss()
-            record["eval_curve"]["step"].append(done)
-            for t in run.task_names:
-                record["eval_curve"]["scores"][t].append(scores[t])
-            record["lm_loss"]["step"].append(done)
-            record["lm_loss"]["loss"].append(lm)
-            if stage_end:
-                record["stage_scores"].append(scores)
-                record["stage_lm_loss"].append(lm)
-                record["isolated_fraction"].append(strategy.isolated_fraction())
-                strategy.end_stage(stage)
-        if bar is not None:
-            if stage_end and done < total:
-                bar.set_description(stage_description(label, run.schedule, stage + 1), refresh=False)
-            if done % log_interval == 0 and record["loss_curve"]["loss"]:
-                bar.set_postfix(loss=f"{record['loss_curve']['loss'][-1]:.3f}", refresh=False)
-            bar.update(1)
-        record["bad_steps"] += log.new_bad
-        log.new_bad = 0
-        if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
-            log.settle(step, cfg.learning_rate)
+    step, saved = start, (start if start else None)  # saved: the step of the last checkpoint, written or read
+    try:
+        for step in range(start, total):
+            stage = run.schedule.stage_index(step)
+            if step == 0 or step in boundaries:
+                strategy.begin_stage(stage)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            # A skipped (non-finite) step leaves weights, optimizer moments and importance scores as they were.
+            log.add(sft_step(run.loss_on, run.batch(step), run.model.parameters(), run.optimizer, strategy,
+                             cfg.grad_clip, sync=log.sync), step, cfg.learning_rate)
+            record["frozen_step_sum"][stage] += strategy.isolated_fraction()
+            if on_step is not None:
+                on_step(step, run, strategy)
+            done = step + 1
+            if done % log_interval == 0 or done == total:
+                log.settle(step, cfg.learning_rate)
+                mean = log.take_mean()
+                if mean is not None:
+                    record["loss_curve"]["step"].append(done)
+                    record["loss_curve"]["loss"].append(mean)
+            stage_end = done in boundaries
+            if done % cfg.eval_interval == 0 or stage_end:
+                scores, lm = run.evaluate(), run.lm_loss()
+                record["eval_curve"]["step"].append(done)
+                for t in run.task_names:
+                    record["eval_curve"]["scores"][t].append(scores[t])
+                record["lm_loss"]["step"].append(done)
+                record["lm_loss"]["loss"].append(lm)
+                if stage_end:
+                    record["stage_scores"].append(scores)
+                    record["stage_lm_loss"].append(lm)
+                    record["isolated_fraction"].append(strategy.isolated_fraction())
+                    strategy.end_stage(stage)
+            if bar is not None:
+                if stage_end and done < total:
+                    bar.set_description(stage_description(label, run.schedule, stage + 1), refresh=False)
+                if done % log_interval == 0 and record["loss_curve"]["loss"]:
+                    bar.set_postfix(loss=f"{record['loss_curve']['loss'][-1]:.3f}", refresh=False)
+                bar.update(1)
             record["bad_steps"] += log.new_bad
             log.new_bad = 0
-            run.write_checkpoint(checkpoint_dir, strategy, {
-                "config": cfg.to_dict(), "step": done, "record": record, "bad_in_a_row": log.bad_in_a_row,
-                "running_losses": log.running, "torch_rng": torch.get_rng_state()})
-    if bar is not None:
-        bar.close()
+            if checkpoint_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
+                log.settle(step, cfg.learning_rate)
+                record["bad_steps"] += log.new_bad
+                log.new_bad = 0
+                run.write_checkpoint(checkpoint_dir, strategy, {
+                    "config": cfg.to_dict(), "step": done, "record": record, "bad_in_a_row": log.bad_in_a_row,
+                    "running_losses": log.running, "torch_rng": torch.get_rng_state()})
+                saved = done
+    except KeyboardInterrupt:  # Ctrl-C: say where training stood, for the one line the command line prints
+        raise TrainingInterrupted(max(step, saved or 0), total, saved) from None
+    finally:
+        if bar is not None:
+            bar.close()
     elapsed = time.perf_counter() - t0
     R = accuracy_matrix(record["stage_scores"], run.task_names)
     record["accuracy_matrix"] = R.tolist()

@@ -1,5 +1,6 @@
 """What a user of ``python -m epi_mini`` sees: the table, one line per seed, the folder's files, the next step,
-``--help``, and ``--resume DIR`` as typed (no other option). Run: python -m pytest tests/test_cli.py -q
+``--help`` and the parser's errors, ``--resume DIR`` as typed (no other option), the folders a run refuses to
+write into, and Ctrl-C. Run: python -m pytest tests/test_cli.py -q
 
 The table snapshots are taken from stored records of a tiny run (``tests/snapshots/tiny_records.json``), so
 they do not depend on this machine's floating-point results; the end-to-end tests train for real and check
@@ -10,6 +11,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,8 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import epi_mini.train
+from epi_mini import experiments, report
 from epi_mini.checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_checkpoint
 from epi_mini.cli import build_parser, main, print_summary
+from epi_mini.config import OptionParser
+from epi_mini.distributed import build_parser as torchrun_parser
 from epi_mini.metrics import summarize_seeds
 from epi_mini.runner import OPTIONS_NAME, resume_options, run_options
 
@@ -93,6 +99,37 @@ def test_help_says_what_empty_defaults_mean():
     text = " ".join(build_parser().format_help().split())   # argparse wraps lines; join them back
     assert "()" not in text and "''" not in text
     assert "--tasks" in text and "default: all five families, math code logic instruction chat" in text
+    assert "one rho per stage, e.g. 0 0.1 0.1 (default: --isolation-ratio throughout)" in text
+    for action in build_parser()._actions:           # one default per option, never two
+        assert (action.help or "").count("(default") + (action.help or "").count("(cpu preset") <= 1, action.help
+
+
+# --- the parser: no abbreviations, one line per error ------------------------------------------------------
+@pytest.mark.parametrize("args, says", [
+    (["--lr", "0.01"], "unrecognized arguments: --lr 0.01"),     # not --lr-warmup-steps with "0.01"
+    (["--lr", "10"], "unrecognized arguments: --lr 10"),         # not --lr-warmup-steps 10, silently
+    (["--method", "epl"], "argument --method: invalid choice 'epl' (did you mean 'epi'? choose from full,"),
+    (["--learning-rat", "0.1"], "unrecognized arguments: --learning-rat 0.1 (did you mean --learning-rate?)"),
+    (["--checkpoint", "5"], "unrecognized arguments: --checkpoint 5"),   # not --checkpoint-every
+])
+def test_parser_errors_are_one_line_and_never_guess_an_abbreviation(capsys, args, says):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and says in err and "usage:" not in err
+
+
+def test_every_command_line_of_the_project_refuses_abbreviations(capsys):
+    for parser in (build_parser(), torchrun_parser()):
+        assert isinstance(parser, OptionParser) and parser.allow_abbrev is False
+    for entry, args in ((experiments.main, ["main", "--pres", "tiny"]), (report.main, ["--writ"])):
+        with pytest.raises(SystemExit) as e:
+            entry(args)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    # Every parser in the package and the benchmarks is an OptionParser (defined once, in config.py).
+    sources = [*(ROOT / "epi_mini").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    plain = [str(f.relative_to(ROOT)) for f in sources if "ArgumentParser(" in f.read_text() and f.name != "config.py"]
+    assert not plain, f"parsers built without OptionParser: {plain}"
 
 
 # --- --resume DIR as typed ---------------------------------------------------------------------------------
@@ -176,3 +213,86 @@ def test_nbconvert_outputs_are_neither_collected_nor_committed(tmp_path):
     assert "lesson.ipynb" in done.stdout and "nbconvert" not in done.stdout
     ignored = subprocess.run(["git", "check-ignore", "-q", "notebooks/00_quickstart.nbconvert.ipynb"], cwd=ROOT)
     assert ignored.returncode == 0, ".gitignore does not ignore *.nbconvert.ipynb"
+
+
+# --- folders a run will not write into, and Ctrl-C ------------------------------------------------------------
+SHORT = [*TINY, "--seeds", "0", "--schedule", "sequential", "--tasks", "math", "code", "--steps-per-stage", "10",
+         "--eval-size", "4", "--method", "epi"]
+
+
+def _contents(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_into_a_folder_that_holds_a_run_is_refused_or_with_overwrite_replaced(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*SHORT, "--seeds", "0", "1", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("not epi-mini's")
+    before = _contents(out)
+    capsys.readouterr()
+    assert main([*SHORT, "--out", str(out), "--checkpoint-every", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out} holds another run's files (accuracy_matrix.png, ")
+    assert f"--resume {out} continues that run, --overwrite replaces it" in err
+    assert _contents(out) == before                   # refused before anything was written
+    assert main([*SHORT, "--out", str(out), "--checkpoint-every", "5", "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "seed1.json" not in names and "seed1.pt" not in names   # the other run's records are gone ...
+    assert {"seed0.json", "checkpoint-seed0", "notes.txt"} <= names  # ... files that are not epi-mini's stay
+    assert json.loads((out / OPTIONS_NAME).read_text())["checkpoint_every"] == 5
+
+
+def test_resume_of_a_folder_without_a_run_is_refused_and_writes_nothing(tmp_path, capsys):
+    folder = tmp_path / "results"                      # like results/main: a summary, no run
+    folder.mkdir()
+    (folder / "summary.json").write_text("{}")
+    (folder / "summary.md").write_text("# results")
+    before = _contents(folder)
+    assert main(["--resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"invalid --resume='{folder}': that folder holds no epi-mini run" in err
+    assert _contents(folder) == before
+
+
+def test_ctrl_c_prints_one_line_with_the_step_the_checkpoint_and_the_command_that_continues(tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(*KILLED, "--out", str(out), "--checkpoint-every", "7")
+    ckpt = out / "checkpoint-seed0" / CHECKPOINT_NAME
+    while not ckpt.exists():
+        assert proc.poll() is None, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert len(stderr.splitlines()) == 1 and "Traceback" not in stderr, stderr
+    line = re.fullmatch(r"interrupted: seed 0 \(1/1\) at step (\d+) of 300; last checkpoint at step (\d+) \((.+)\); "
+                        r"continue with: (.+)\n", stderr)
+    assert line, stderr
+    step, saved = int(line[1]), int(line[2])
+    assert 7 <= saved <= step < 300 and saved % 7 == 0 and line[3] == str(out / "checkpoint-seed0")
+    assert load_checkpoint(out / "checkpoint-seed0")["step"] == saved
+    command = shlex.split(line[4])
+    assert command == ["python", "-m", "epi_mini", "--resume", str(out)]
+    resumed = _cli(*command[3:])                       # the command exactly as printed
+    stdout, stderr = resumed.communicate()
+    assert resumed.returncode == 0, stderr
+    assert f"resumed from its checkpoint at step {saved}" in stdout
+
+
+@pytest.mark.parametrize("every, says", [
+    ("0", "no checkpoints in this run (--checkpoint-every N writes them)"),
+    ("100", "no checkpoint yet (the first is written at step 100)")], ids=["checkpoints off", "before the first"])
+def test_ctrl_c_before_any_checkpoint_says_there_is_none(tmp_path, capsys, monkeypatch, every, says):
+    out, steps, real = tmp_path / "run", [], epi_mini.train.sft_step
+
+    def interrupted_at_step_3(*args, **kwargs):       # Ctrl-C as the fourth step begins
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(epi_mini.train, "sft_step", interrupted_at_step_3)
+    assert main([*SHORT, "--out", str(out), "--checkpoint-every", every]) == 130
+    assert capsys.readouterr().err == (f"interrupted: seed 0 (1/1) at step 3 of 20; {says}, so seed 0 will train "
+                                       f"again from step 0; continue with: python -m epi_mini --resume {out}\n")
+    assert not (out / ".lock").exists()               # the lock goes with the run

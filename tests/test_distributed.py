@@ -3,13 +3,17 @@ Run: python -m pytest tests/test_distributed.py -q
 
 Hermetic and CPU-only: the distributed tests start 2 processes with torch.multiprocessing and the gloo
 backend over loopback (127.0.0.1), once for the module (selection checks, FSDP2 selection on real shards, a
-DDP run, an FSDP2 run with sharded checkpoints and a resume), and one launch goes through torchrun itself.
-Each process uses one thread. Runs are compared with the single-process path on the same global batches,
-which this module never changes.
+DDP run, an FSDP2 run with sharded checkpoints and a resume, then kill-and-resume for the options that carry
+state under DDP and FSDP2, and what a checkpoint must survive: a damaged shard, metadata crafted to run code,
+a full disk, the leftovers of an interrupted save), and one launch goes through torchrun itself. Each process
+uses one thread. Runs are compared with the single-process path on the same global batches, which this module
+never changes.
 """
+import errno
 import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,14 +26,19 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 
-from epi_mini.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+from epi_mini.checkpoint import (CheckpointError, OutputError, load_checkpoint, save_checkpoint, save_json,
+                                 sha256_of_file)
 from epi_mini.config import make_config
 from epi_mini.distributed import (DistributedRun, FSDPEvolvingIsolation, SyncCheckedIsolation, count_communication,
                                   init_distributed, load_sharded_checkpoint, main, order_preserving_keys,
                                   selection_cost, shard_range, sharded_top_fraction, ties_taken_by_rank)
-from epi_mini.distributed.checkpoint import SafeFileSystemReader, _dcp_load
+from epi_mini.distributed.checkpoint import SafeFileSystemReader, _dcp_load, _MetadataUnpickler
 from epi_mini.epi import normalize, top_fraction
 from epi_mini.isolation import indices_to_masks
+from epi_mini.runner import run_options, run_seeds
 from epi_mini.train import Run, fit
 
 
@@ -335,10 +344,137 @@ def _training_worker(rank, world_size, out_dir):
     torch.save(out, os.path.join(out_dir, f"training-rank{rank}.pt"))
 
 
+# --- kill and resume for the options that carry state, and what a checkpoint must survive ---------------------
+# (name, launcher, config options, --check-sync): every case trains 20 steps with a checkpoint every 7, then a
+# fresh run resumes from the step-14 checkpoint. The options not here are refused under torchrun (see
+# test_options_torchrun_cannot_honour_are_refused_before_launch), or carry no state.
+DIST_CASES = [
+    ("DDP: int8 importance, bit mask, sync check", "ddp", dict(ema_storage="int8", mask_storage="bits"), True),
+    ("DDP: isolation schedule, sync check", "ddp", dict(isolation_schedule=(0.05, 0.2)), True),
+    ("DDP: mask interval auto, sync check", "ddp", dict(mask_interval="auto", warmup_steps=5), True),
+    ("DDP: random mask, gap mask", "ddp", dict(method="random-mask", mask_storage="gaps"), False),
+    ("DDP: dropout, slices of 8 and 7 rows", "ddp", dict(dropout=0.1, batch_size=15), False),
+    ("FSDP2: int8 importance, isolation schedule", "fsdp", dict(ema_storage="int8", isolation_schedule=(0.05, 0.2)),
+     False),
+    ("FSDP2: bf16 importance, gap mask", "fsdp", dict(ema_storage="bf16", mask_storage="gaps"), False),
+    ("FSDP2: static EPI score, bit mask", "fsdp", dict(method="static-epi", mask_storage="bits"), False),
+]
+
+
+def _local(tree):
+    """A state with every tensor (DTensor: this rank's shard) cloned, for comparing after the run."""
+    if isinstance(tree, dict):
+        return {k: _local(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_local(v) for v in tree]
+    if isinstance(tree, torch.Tensor):
+        return (tree.to_local() if hasattr(tree, "to_local") else tree).detach().clone()
+    return tree
+
+
+class _Evil:
+    """A pickle that runs a shell command when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _arm(shards, key, marker):
+    """Turn a shard folder's entry ``key`` into a pickle that runs code: its metadata says "bytes" and points at a
+    shard file whose payload is that pickle -- what DCP would load with ``weights_only=False``."""
+    payload = __import__("io").BytesIO()
+    torch.save(_Evil(marker), payload)
+    (shards / "__7_0.distcp").write_bytes(payload.getvalue())
+    with open(shards / ".metadata", "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    info = next(iter(metadata.storage_data.values()))
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.storage_data[MetadataIndex(key)] = type(info)(relative_path="__7_0.distcp", offset=0,
+                                                           length=len(payload.getvalue()))
+    (shards / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def _no_space_left(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _checkpoint_worker(rank, world_size, out_dir):
+    out, results = Path(out_dir), {}
+    for i, (name, launcher, options, check_sync) in enumerate(DIST_CASES):
+        cfg, ckpt, ends = tiny_config(**options), out / f"case{i}", []
+        for resume in (False, True):
+            run = DistributedRun(cfg, fsdp=launcher == "fsdp", check_sync=check_sync)
+            strategy = run.make_strategy()
+            record = fit(run, strategy, progress=False, checkpoint_dir=ckpt, checkpoint_every=7, resume=resume)
+            ends.append({"resumed_at": record["timing"]["resumed_at_step"], "strategy_class": type(strategy).__name__,
+                         "record": {k: v for k, v in record.items() if k != "timing"},
+                         "weights": _local(run.model.state_dict()), "optimizer": _local(run.optimizer.state_dict()),
+                         "strategy": _local(strategy.state_dict())})
+        results[name] = ends
+    failures = {}
+    fsdp_case = out / f"case{len(DIST_CASES) - 1}"   # an FSDP2 checkpoint (step 14) and its run, to break
+    cfg = tiny_config(**DIST_CASES[-1][2])
+
+    def resume_fails(folder):  # the error's message (another type of error, or none, fails the test)
+        run = DistributedRun(cfg, fsdp=True)
+        try:
+            run.read_checkpoint(folder, run.make_strategy())
+            return "loaded"
+        except (CheckpointError, OutputError) as e:
+            return str(e)
+        except Exception as e:
+            return f"unexpected {type(e).__name__}: {e}"
+    # Metadata crafted to run code (in a copy): refused before DCP reads anything; no command ran.
+    marker, crafted = out / "MARKER", out / "crafted"
+    if rank == 0:
+        shutil.copytree(fsdp_case, crafted)
+        shards = crafted / load_checkpoint(crafted)["shards"]
+        _arm(shards, "model/transformer.wte.weight", marker)
+        pointer = load_checkpoint(crafted)        # an attacker can recompute every checksum
+        save_checkpoint(crafted, {**pointer, "shard_sha256": {p.name: sha256_of_file(p) for p in shards.iterdir()}})
+    dist.barrier()
+    failures["crafted"] = (resume_fails(crafted), marker.exists())
+    # 400 flipped bytes in rank 0's shard file: named on every rank, nothing loaded.
+    shard = fsdp_case / "shards-step14" / "__0_0.distcp"
+    if rank == 0:
+        data = bytearray(shard.read_bytes())
+        data[1000:1400] = bytes(b ^ 0xA5 for b in data[1000:1400])
+        shard.write_bytes(bytes(data))
+    dist.barrier()
+    failures["damaged"] = resume_fails(fsdp_case)
+    # A full disk on rank 1 while the shards are written: one OutputError, on every rank.
+    run = DistributedRun(cfg, fsdp=True)
+    strategy, real = run.make_strategy(), os.fsync
+    if rank == 1:
+        os.fsync = _no_space_left
+    try:
+        run.write_checkpoint(out / "full-disk", strategy, {"config": cfg.to_dict(), "step": 3, "record": {}})
+        failures["full disk"] = "written"
+    except OutputError as e:
+        failures["full disk"] = str(e)
+    finally:
+        os.fsync = real
+    # The leftovers of a save_sharded_weights killed between its two renames: removed by the next save.
+    weights = out / "weights"
+    run.write_weights(weights)
+    if rank == 0:
+        for leftover in ("weights.dcp.old", "weights.dcp.tmp"):
+            (out / leftover).mkdir()
+            (out / leftover / "__0_0.distcp").write_bytes(b"old")
+    dist.barrier()
+    run.write_weights(weights)
+    failures["leftovers"] = sorted(p.name for p in out.iterdir() if p.name.startswith("weights"))
+    torch.save({"cases": results, "failures": failures}, out / f"checkpoints-rank{rank}.pt")
+
+
 def _two_rank_worker(rank, world_size, out_dir):
     _selection_worker(rank, world_size, out_dir)
     _fsdp_selection_worker(rank, world_size, out_dir)
     _training_worker(rank, world_size, out_dir)
+    _checkpoint_worker(rank, world_size, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -515,6 +651,8 @@ def test_torchrun_entry_point_trains_and_rank0_writes_outputs(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((out / "seed0.json").read_text())
     assert record["distributed"] == {"world_size": 2, "backend": "gloo", "fsdp": False}
+    assert json.loads((out / "options.json").read_text())["launcher"] == {"world_size": 2, "fsdp": False,
+                                                                         "check_sync": True}
     assert record["strategy"]["refreshes"] == 5 and record["isolated_fraction"][-1] == pytest.approx(0.1, abs=1e-4)
     assert (out / "seed0.pt").is_file() and (out / "summary.json").is_file()
     assert done.stdout.count("wrote ") == 1  # rank 0 only
@@ -529,3 +667,144 @@ def test_entry_point_without_torchrun_says_how_to_launch(monkeypatch, capsys):
                              (["--shard", "--method", "static"], "'static' (CPI-FT) is not supported with --fsdp")):
         assert main(["--preset", "tiny", *options]) == 2  # refused before any launch
         assert message in capsys.readouterr().err
+
+
+# --- kill and resume under DDP and FSDP2, and what a checkpoint must survive ------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint_results(two_ranks):
+    return [torch.load(two_ranks / f"checkpoints-rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _differences(a, b, path=""):
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(set(a) ^ set(b))[:3]}"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} != {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}/{i}")]
+    same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    return [] if same else [path]
+
+
+@pytest.mark.parametrize("case", [name for name, *_ in DIST_CASES])
+def test_distributed_resume_is_exact_for_every_option_that_carries_state(checkpoint_results, case):
+    """On every rank, a fresh run resumed from the step-14 checkpoint ends exactly where the run that went on
+    does: record, this rank's weights, optimizer state and EPI state (each rank keeps its own random generator
+    state, so dropout resumes exactly even when the ranks' slices differ in size). The options are honoured:
+    the sync check runs with every EPI variant, and the isolation schedule's rho is each stage's."""
+    options, check_sync = next((o, c) for name, _, o, c in DIST_CASES if name == case)
+    for rank, result in enumerate(checkpoint_results):
+        straight, resumed = result["cases"][case]
+        assert resumed["resumed_at"] == 14
+        differ = _differences(straight, {**resumed, "resumed_at": 0})
+        assert not differ, f"rank {rank}: differ after resume: {differ[:5]}"
+        assert ("SyncCheck" in straight["strategy_class"]) == check_sync
+        if "isolation_schedule" in options:
+            assert straight["record"]["isolated_fraction"] == pytest.approx([0.05, 0.2], abs=1e-3)
+        assert straight["record"]["strategy"]["refreshes"] >= 1
+
+
+def test_a_sharded_checkpoint_crafted_to_run_code_is_refused_and_runs_nothing(checkpoint_results):
+    for rank, result in enumerate(checkpoint_results):
+        message, ran = result["failures"]["crafted"]
+        assert not ran, "the crafted checkpoint ran its command"
+        assert "entry 'model/transformer.wte.weight' is BytesStorageMetadata, not tensor data: refused" in message
+
+
+def test_a_damaged_shard_is_named_on_every_rank(checkpoint_results, two_ranks):
+    shard = two_ranks / f"case{len(DIST_CASES) - 1}" / "shards-step14" / "__0_0.distcp"
+    for result in checkpoint_results:
+        assert result["failures"]["damaged"].startswith(f"{shard} is damaged: its sha256 is")
+
+
+def test_a_full_disk_on_one_rank_is_one_error_on_every_rank(checkpoint_results, two_ranks):
+    for result in checkpoint_results:
+        message = result["failures"]["full disk"]
+        assert message.startswith(f"cannot write sharded checkpoint {two_ranks / 'full-disk' / 'shards-step3'}: ")
+        assert "rank 1: OSError: [Errno 28] No space left on device" in message
+    assert not (two_ranks / "full-disk" / "checkpoint.pt").exists()  # nothing committed
+
+
+def test_an_interrupted_save_of_the_weights_leaves_nothing_in_the_way(checkpoint_results):
+    for result in checkpoint_results:
+        assert result["failures"]["leftovers"] == ["weights.dcp"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note on a one-process save and load
+def test_a_crafted_dcp_pair_is_refused_before_dcp_can_run_it(tmp_path):
+    """The attack in its smallest form: metadata whose entry is "bytes", pointing at a shard file that holds a
+    pickle calling os.system. DCP's own reader runs it (the control: the pair is armed); ours refuses it."""
+    marker, folder = tmp_path / "MARKER", tmp_path / "evil"
+    dcp.save({"model/w": _Evil(marker)}, storage_writer=FileSystemWriter(folder), no_dist=True)
+    dcp.load({"model/w": torch.zeros(1)}, storage_reader=FileSystemReader(folder), no_dist=True)
+    assert marker.exists(), "control: DCP's own reader should have run the pickle"
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="'model/w' is BytesStorageMetadata, not tensor data: refused"):
+        _dcp_load({"model/w": torch.zeros(1)}, folder, None)
+    assert not marker.exists()
+    # Tensor data, but in a file outside the shard folder's own: refused too.
+    dcp.save({"w": torch.ones(3)}, storage_writer=FileSystemWriter(tmp_path / "ok"), no_dist=True)
+    with open(tmp_path / "ok" / ".metadata", "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    for info in metadata.storage_data.values():
+        info.relative_path = "../evil/__0_0.distcp"
+    (tmp_path / "ok" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="points at '../evil/__0_0.distcp'"):
+        _dcp_load({"w": torch.zeros(3)}, tmp_path / "ok", None)
+
+
+def test_checkpoints_of_another_launcher_are_refused_by_name(tmp_path, two_ranks):
+    """A sharded checkpoint read by one process names --fsdp; a DDP checkpoint (2 processes) resumed by one is
+    refused unless --allow-world-size-change, and then continues."""
+    fsdp_ckpt, ddp_ckpt = two_ranks / "case5", two_ranks / "case3"
+    run = Run(tiny_config(**DIST_CASES[5][2]))
+    with pytest.raises(CheckpointError, match="holds a sharded checkpoint, written by an FSDP2 run: resume it with "
+                                              "torchrun .* --fsdp --resume"):
+        run.read_checkpoint(fsdp_ckpt, run.make_strategy())
+    out = tmp_path / "run"
+    shutil.copytree(ddp_ckpt, out / "checkpoint-seed0")
+    cfg = tiny_config(**DIST_CASES[3][2])
+    with pytest.raises(CheckpointError, match="written by a run of 2 process.es., this one has 1: resume with 2, or "
+                                              "pass --allow-world-size-change"):
+        run_seeds([cfg], out, resume=True, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        record, = run_seeds([cfg], out, resume=True, progress=False, allow_world_size_change=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert record["timing"]["resumed_at_step"] == 14 and (out / "seed0.json").exists()
+
+
+def test_options_torchrun_cannot_honour_are_refused_before_launch(tmp_path, monkeypatch, capsys):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for options, message in (
+            (["--replay-importance", "true"], "--replay-importance true is not supported under torchrun"),
+            (["--fsdp", "--method", "random-mask"], "method 'random-mask' is not supported with --fsdp"),
+            (["--fsdp", "--mask-interval", "auto"], "mask_interval='auto' is not supported with --fsdp"),
+            (["--fsdp", "--normalizer", "rank"], "normalizer='rank' is not supported with --fsdp")):
+        assert main(["--preset", "tiny", "--out", str(tmp_path / "x"), *options]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "x").exists()
+    # A resume launched otherwise than its run was: refused before any process group exists.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for launcher, given, message in (
+            ({"world_size": 2, "fsdp": True, "check_sync": False}, [], "was started with --fsdp (sharded "
+             "checkpoints), this one is not"),
+            ({"world_size": 2, "fsdp": False, "check_sync": False}, ["--fsdp"], "was started without --fsdp"),
+            ({"world_size": 2, "fsdp": False, "check_sync": False}, [], "was started with 2 process(es), this one "
+             "has 3: resume it as it was started: torchrun --standalone --nproc_per_node=2 -m epi_mini.distributed "
+             "--resume"),
+            ({"world_size": 2, "fsdp": True, "check_sync": False}, ["--fsdp", "--allow-world-size-change"],
+             "keeps its 8-bit importance (--ema-storage int8) in the layout of 2 ranks' shards")):
+        folder = tmp_path / "run"
+        save_json(folder / "options.json", run_options("tiny", [0], {"method": "epi", "ema_storage": "int8"}, 0,
+                                                       launcher))
+        assert main(["--resume", str(folder), *given]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+        assert sorted(p.name for p in folder.iterdir()) == ["options.json"]

@@ -1,6 +1,7 @@
 """EPI beyond one process: data parallel (DDP) and fully sharded (PyTorch FSDP2), with ``torch.distributed``.
 
-Launch (one process per GPU, or per CPU socket with gloo; every ``python -m epi_mini`` option works)::
+Launch (one process per GPU, or per CPU socket with gloo; every ``python -m epi_mini`` option is honoured or,
+before launch, refused with a message: :func:`~.ddp.check_distributed_options`)::
 
     torchrun --standalone --nproc_per_node=N -m epi_mini.distributed --method epi [--fsdp] [--check-sync]
 
@@ -13,7 +14,8 @@ root; every parameter is a ``DTensor`` and each rank keeps only its dim-0 shard 
 (reduce-scattered) gradients, of AdamW's moments and of EPI's importance EMA and isolated set. EPI's masked
 step runs on the local shards around FSDP2's own optimizer step; its global top-rho is found by an exact
 distributed selection (:mod:`.selection`) that never gathers the scores. Checkpoints and final weights are
-written shard by shard with ``torch.distributed.checkpoint`` (:mod:`.checkpoint`); resume is exact.
+written shard by shard with ``torch.distributed.checkpoint`` (:mod:`.checkpoint`), every file with its
+sha256, and read back without running code; resume is exact.
 
 The modules, in reading order: :mod:`.comm` (every collective, counted), :mod:`.selection` (exact top-rho
 over sharded scores), :mod:`.fsdp` (EPI on FSDP2 shards), :mod:`.checkpoint` (sharded checkpoints),
@@ -22,13 +24,14 @@ does not use this package: ``python -m epi_mini`` runs no distributed code.
 """
 from .checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, save_sharded_weights
 from .comm import assert_same_on_all_ranks, count_communication
-from .ddp import DistributedRun, SyncCheckedIsolation, init_distributed, isolation_checksum
+from .ddp import (DistributedRun, SyncCheck, SyncCheckedIsolation, check_distributed_options, init_distributed,
+                  isolation_checksum)
 from .fsdp import FSDPEvolvingIsolation, check_fsdp_options, reshard, shard_model
 from .launch import build_parser, main
 from .selection import order_preserving_keys, selection_cost, shard_range, sharded_top_fraction, ties_taken_by_rank
 
-__all__ = ["DistributedRun", "FSDPEvolvingIsolation", "SyncCheckedIsolation", "assert_same_on_all_ranks",
-           "build_parser", "check_fsdp_options", "count_communication", "init_distributed", "isolation_checksum",
-           "load_sharded_checkpoint", "main", "order_preserving_keys", "reshard", "save_sharded_checkpoint",
-           "save_sharded_weights", "selection_cost", "shard_model", "shard_range", "sharded_top_fraction",
-           "ties_taken_by_rank"]
+__all__ = ["DistributedRun", "FSDPEvolvingIsolation", "SyncCheck", "SyncCheckedIsolation", "assert_same_on_all_ranks",
+           "build_parser", "check_distributed_options", "check_fsdp_options", "count_communication",
+           "init_distributed", "isolation_checksum", "load_sharded_checkpoint", "main", "order_preserving_keys",
+           "reshard", "save_sharded_checkpoint", "save_sharded_weights", "selection_cost", "shard_model", "shard_range",
+           "sharded_top_fraction", "ties_taken_by_rank"]

@@ -14,9 +14,19 @@ A checkpoint folder holds two things:
 Loading never runs code from the files: ``checkpoint.pt`` is read with ``torch.load(weights_only=True)``,
 DCP reads tensor data with ``weights_only=True`` too, and its ``.metadata`` pickle is read here with an
 unpickler that accepts DCP's own metadata classes only (DCP itself would ``pickle.load`` it). Only tensors
-go through DCP (DCP would store other values as pickles and read them back with ``weights_only=False``).
+go through DCP: DCP would store any other value as a pickle ("bytes") and read it back with
+``weights_only=False``, which runs whatever code the pickle names. So every entry of the metadata is checked
+before DCP sees it (:func:`check_metadata`): tensor data only, in shard files of this folder, for exactly the
+keys this run expects; anything else is refused.
+
+Every file is checked before it is loaded: ``checkpoint.pt`` carries its own sha256
+(:func:`epi_mini.checkpoint.save_checkpoint`) and the sha256 of every file of its shard folder, computed right
+after DCP wrote them (each rank hashes a share of the files); on load, each rank verifies its share again, and
+a damaged file is named on every rank. A failed write (a full disk on any rank) is one
+:class:`~epi_mini.checkpoint.OutputError` on every rank.
 """
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -24,10 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, OutputError, damaged, load_checkpoint, save_checkpoint, sha256_of_file
+from .comm import _all_gather_object, on_rank0
 
 SHARDS_PREFIX = "shards-step"
 
@@ -84,34 +95,105 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
 
 
+SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")  # the names DCP's FileSystemWriter gives the shard files
+
+
+def check_metadata(metadata, path, expected=None):
+    """Raise ``pickle.UnpicklingError`` unless every entry of DCP's ``metadata`` (read from ``path``) is tensor
+    data stored in a shard file of the checkpoint's own folder, without transforms, and, with ``expected``,
+    the keys are exactly those. DCP reads anything else as a pickle with ``weights_only=False``."""
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict) or not isinstance(getattr(metadata, "storage_data", None), dict):
+        raise pickle.UnpicklingError(f"{path} is not DCP metadata")
+    for key, entry in entries.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise pickle.UnpicklingError(f"{path}: entry {key!r} is {type(entry).__name__}, not tensor data: refused "
+                                         "(DCP would read it as a pickle, which can run code)")
+    for index, info in metadata.storage_data.items():
+        where = getattr(info, "relative_path", None)
+        if not (isinstance(where, str) and SHARD_FILE.fullmatch(where)) or getattr(info, "transform_descriptors",
+                                                                                   None):
+            raise pickle.UnpicklingError(f"{path}: entry {getattr(index, 'fqn', index)!r} points at {where!r} "
+                                         "(with transforms or outside the shard files): refused")
+    if expected is not None and set(entries) != set(expected):
+        differ = sorted(set(entries) ^ set(expected))
+        raise pickle.UnpicklingError(f"{path} does not hold this run's tensors: {len(differ)} key(s) differ, "
+                                     f"e.g. {differ[:3]}")
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader, with the metadata read by :class:`_MetadataUnpickler` instead of ``pickle.load``."""
+    """DCP's file reader, with the metadata read by :class:`_MetadataUnpickler` instead of ``pickle.load`` and
+    checked by :func:`check_metadata` (against ``expected`` keys, if given) before DCP uses any of it."""
+
+    def __init__(self, path, expected=None, **kwargs):
+        super().__init__(path, **kwargs)
+        self.expected = expected
 
     def read_metadata(self, *args, **kwargs):
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
+        check_metadata(metadata, path, self.expected)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
+def _failures(error, group):
+    """``rank r: Type: message`` for each rank's failure in a DCP exception (DCP gathers them on every rank)."""
+    here = dist.get_rank(group) if dist.is_initialized() else 0
+    failures = error.failures.items() if isinstance(error, CheckpointException) else [(here, (error, None))]
+    return "; ".join(f"rank {rank}: {type(exc).__name__}: {str(exc).strip()}" for rank, (exc, _) in failures)
+
+
+def _share(names, group):
+    """This rank's share of ``names`` (every R-th, from its rank on): each file is hashed by one rank."""
+    rank, size = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+    return sorted(names)[rank::size]
+
+
+def shard_checksums(folder, group=None):
+    """``{file name: sha256}`` of every file in the shard folder ``folder``, the same dict on every rank (each
+    rank hashes its share of the files; one all-gather). A collective."""
+    mine = {name: sha256_of_file(Path(folder) / name) for name in _share([p.name for p in Path(folder).iterdir()],
+                                                                          group)}
+    return {name: digest for part in _all_gather_object(mine, group) for name, digest in part.items()}
+
+
+def verify_shard_checksums(folder, recorded, group=None):
+    """Raise :class:`~epi_mini.checkpoint.CheckpointError` on every rank, naming the files, when a file of the
+    shard folder is missing or its sha256 is not the ``recorded`` one. A collective."""
+    problems = []
+    for name in _share(recorded, group):
+        path = Path(folder) / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        found = sha256_of_file(path)
+        if found != recorded[name]:
+            problems.append(str(damaged(path, recorded[name], found)))
+    problems = [p for part in _all_gather_object(problems, group) for p in part]
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
 def _dcp_save(tensors, folder, group):
     # Every rank returns from dcp.save only after rank 0 has written .metadata (DCP's last phase is a
-    # collective), so the folder is complete everywhere once this returns.
-    dcp.save(tensors, storage_writer=FileSystemWriter(folder), process_group=group)
+    # collective), so the folder is complete everywhere once this returns. A write that fails on any rank
+    # (a full disk) fails on every rank: DCP gathers the failures.
+    try:
+        dcp.save(tensors, storage_writer=FileSystemWriter(folder), process_group=group)
+    except (CheckpointException, OSError) as e:
+        raise OutputError(f"cannot write sharded checkpoint {folder}: {_failures(e, group)}") from None
 
 
 def _dcp_load(tensors, folder, group):
     try:
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(folder), process_group=group,
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(folder, expected=set(tensors)), process_group=group,
                  no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure and raises on each rank
-        here = dist.get_rank(group) if dist.is_initialized() else 0
-        failures = e.failures.items() if isinstance(e, CheckpointException) else [(here, (e, None))]
-        reasons = "; ".join(f"rank {rank}: {type(exc).__name__}: {str(exc).strip()}" for rank, (exc, _) in failures)
-        raise CheckpointError(f"cannot read sharded checkpoint {folder}: {reasons}") from None
+        raise CheckpointError(f"cannot read sharded checkpoint {folder}: {_failures(e, group)}") from None
 
 
 # --- the two things an FSDP2 run writes ----------------------------------------------------------------------
@@ -122,12 +204,14 @@ def save_sharded_checkpoint(folder, state, group=None):
     rest, tensors = split_sharded(state)
     name = f"{SHARDS_PREFIX}{state['step']}"
     _dcp_save(tensors, folder / name, group)
-    if dist.get_rank(group) == 0:
-        save_checkpoint(folder, {**rest, "shards": name, "shard_keys": sorted(tensors)})  # the commit point
+    checksums = shard_checksums(folder / name, group)
+
+    def commit():  # the new pointer, then the older shard folders go
+        save_checkpoint(folder, {**rest, "shards": name, "shard_keys": sorted(tensors), "shard_sha256": checksums})
         for old in folder.glob(f"{SHARDS_PREFIX}*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier(group)  # leave together: no rank starts the next step while rank 0 still writes
+    on_rank0(commit, group)  # every rank waits for it, and fails with it
 
 
 def load_sharded_checkpoint(folder, template, cfg=None, group=None):
@@ -147,27 +231,37 @@ def load_sharded_checkpoint(folder, template, cfg=None, group=None):
         differ = sorted(set(tensors) ^ set(state["shard_keys"]))
         raise CheckpointError(f"sharded checkpoint {folder} does not match this run's state: {len(differ)} "
                               f"tensor(s) differ, e.g. {differ[:3]}")
+    if "shard_sha256" in state:  # (absent from checkpoints written before checksums were kept)
+        verify_shard_checksums(folder / state["shards"], state["shard_sha256"], group)
     _dcp_load(tensors, folder / state["shards"], group)
     return fill_sharded(state, tensors)
 
 
 def save_sharded_weights(path, state_dict, group=None):
     """Write a model's sharded state dict (every value a ``DTensor``) to the DCP folder ``path``. The new folder
-    is written next to it and swapped in by rank 0 once complete. A collective."""
+    is written next to it (``<path>.tmp``) and swapped in by rank 0 once complete: the old one is moved to
+    ``<path>.old``, the new one into place, the old one removed. What a process killed half-way leaves behind
+    (``.tmp``, ``.old``) is removed before the next write. A collective."""
     path = Path(path)
     rest, tensors = split_sharded(state_dict)
     plain = [k for k, v in rest.items() if v is not None]
     if plain:
         raise ValueError(f"save_sharded_weights: {plain[:3]} are not DTensors; shard the model with FSDP2 first")
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    if dist.get_rank(group) == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier(group)
-    _dcp_save(tensors, tmp, group)
-    if dist.get_rank(group) == 0:
-        if path.exists():
-            path.replace(old)
-        tmp.replace(path)
+
+    def clear():
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def swap():
+        try:
+            if path.exists():
+                path.replace(old)
+            tmp.replace(path)
+        except OSError as e:
+            raise OutputError(f"cannot move the new weights {tmp} to {path}: {e.strerror or e}") from None
         shutil.rmtree(old, ignore_errors=True)
-    dist.barrier(group)
+    on_rank0(clear, group)
+    _dcp_save(tensors, tmp, group)
+    on_rank0(swap, group)
     return path

@@ -13,7 +13,8 @@ same global batch:
 
 **DDP**: every rank holds the whole model, sees the same gradient, updates its EMA the same way and selects
 the same isolated set: EPI itself runs unchanged on every rank. ``--check-sync`` verifies the claim
-"identical on every rank" at every refresh with a cheap checksum all-reduce (:class:`SyncCheckedIsolation`).
+"identical on every rank" at every refresh with a cheap checksum all-reduce (:class:`SyncCheck`, combined
+with whichever EPI-family strategy the options name).
 
 **FSDP2**: the model is sharded by :func:`~epi_mini.distributed.fsdp.shard_model`, EPI is
 :class:`~epi_mini.distributed.fsdp.FSDPEvolvingIsolation` over the local shards, and checkpoints and final
@@ -28,11 +29,27 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ..methods import EPIUpdate, epi_options
+from ..methods import EPIUpdate, build_epi
 from ..train import Run, pick_device
 from .checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, save_sharded_weights
-from .comm import _all_reduce, assert_same_on_all_ranks
+from .comm import _all_gather_object, _all_reduce, assert_same_on_all_ranks, on_rank0
 from .fsdp import FSDPEvolvingIsolation, check_fsdp_options, reshard, shard_model
+
+EPI_FAMILY = ("epi", "static-epi", "random-mask")
+
+
+def check_distributed_options(cfg, fsdp=False, check_sync=False):
+    """Raise ``ValueError`` naming the first option of ``cfg`` that a run under torchrun does not support
+    (checked before launch, so that no option is silently ignored and none fails mid-run)."""
+    if cfg.replay_importance:
+        raise ValueError("--replay-importance true is not supported under torchrun: its extra backward pass over "
+                         "the replayed rows runs outside DDP and FSDP2, so every rank would see only its own rows "
+                         "(and the ranks' collectives would differ); run it with python -m epi_mini")
+    if fsdp and cfg.base_importance:
+        raise ValueError("--base-importance true is not supported with --fsdp: the base's Fisher is scored on the "
+                         "whole model before training; run it under DDP (without --fsdp) or with python -m epi_mini")
+    if fsdp:
+        check_fsdp_options(cfg.method, cfg.mask_interval, cfg.normalizer, check_sync)
 
 
 def isolation_checksum(strategy):
@@ -50,9 +67,10 @@ def isolation_checksum(strategy):
             "isolated count": float(isolated_count), "isolated index hash": float(index_hash)}
 
 
-class SyncCheckedIsolation(EPIUpdate):
-    """EPI on a DDP replica that checks, at every refresh, that all ranks hold the same state (debug mode:
-    one all-reduce of 8 floats per refresh)."""
+class SyncCheck:
+    """Put before an EPI-family strategy on a DDP replica (``--check-sync``, see
+    :func:`epi_mini.methods.build_epi`): at every refresh, check that all ranks hold the same state (debug
+    mode: one all-reduce of 8 floats per refresh)."""
 
     def __init__(self, params, group=None, **options):
         super().__init__(params, **options)
@@ -62,6 +80,10 @@ class SyncCheckedIsolation(EPIUpdate):
     def refresh(self):
         super().refresh()
         assert_same_on_all_ranks(isolation_checksum(self), f"EPI refresh at step {self.num_steps}", self.group)
+
+
+class SyncCheckedIsolation(SyncCheck, EPIUpdate):
+    """EPI (refreshed every K steps) with the check of :class:`SyncCheck`."""
 
 
 class _GlobalLossValue(torch.autograd.Function):
@@ -94,8 +116,7 @@ class DistributedRun(Run):
         if not dist.is_initialized():
             raise RuntimeError("no process group: call epi_mini.distributed.init_distributed() first, under "
                                "torchrun --nproc_per_node=N -m epi_mini.distributed")
-        if fsdp:
-            check_fsdp_options(cfg.method, cfg.mask_interval, cfg.normalizer, check_sync)
+        check_distributed_options(cfg, fsdp, check_sync)
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         if cfg.batch_size < world_size:
             raise ValueError(f"invalid batch_size={cfg.batch_size}: must be >= the number of processes "
@@ -114,6 +135,7 @@ class DistributedRun(Run):
             self.device = torch.device("cuda", local_rank)
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.group, self.fsdp, self.check_sync = group, fsdp, check_sync
+        self.world_sizes = [world_size]  # the world size of every part of the run, in order (see read_checkpoint)
         if fsdp:
             self.forward_model = shard_model(self.model, group)
             self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate)  # over the shards
@@ -136,14 +158,17 @@ class DistributedRun(Run):
         return _GlobalLossValue.apply(share, (totals[0] / global_count).to(local_sum.dtype))
 
     def make_strategy(self):
-        """The update strategy of ``cfg.method`` for this rank (:func:`epi_mini.methods.build_strategy` when
-        nothing distributed is needed)."""
-        cfg, is_epi = self.cfg, self.cfg.method in ("epi", "static-epi")
-        if self.fsdp and is_epi:
-            return FSDPEvolvingIsolation(self.model, **epi_options(cfg))
-        if is_epi and self.check_sync:
-            return SyncCheckedIsolation(self.model, self.group, **epi_options(cfg))
+        """The update strategy of ``cfg.method`` for this rank, with every option of the config
+        (:func:`epi_mini.methods.build_epi`): EPI on the local shards under FSDP2, the sync check with
+        ``check_sync``; :func:`epi_mini.methods.build_strategy` when nothing distributed is needed."""
+        if self.cfg.method in EPI_FAMILY and self.fsdp:
+            return build_epi(self, FSDPEvolvingIsolation)
+        if self.cfg.method in EPI_FAMILY and self.check_sync:
+            return build_epi(self, SyncCheck, group=self.group)
         return super().make_strategy()  # plain SFT needs nothing more under FSDP2: the optimizer steps the shards
+
+    def on_main(self, action):
+        return on_rank0(action, self.group)
 
     def evaluate(self):
         scores = super().evaluate()  # under FSDP2 every rank takes part: each forward all-gathers the weights
@@ -151,24 +176,35 @@ class DistributedRun(Run):
             reshard(self.model)  # the root keeps its weights gathered after a forward without backward
         return scores
 
-    # Under FSDP2 every rank writes and reads its own shards (epi_mini.distributed.checkpoint).
+    # Under FSDP2 every rank writes and reads its own shards (epi_mini.distributed.checkpoint). Either way the
+    # checkpoint keeps every rank's random number generator (a rank with a smaller slice of the batch draws
+    # fewer dropout masks), and the world sizes the seed has trained with.
     def write_checkpoint(self, folder, strategy, state):
+        generators = _all_gather_object(torch.get_rng_state(), self.group)
+        state = {**state, "torch_rng_by_rank": generators, "world_sizes": self.world_sizes}
         if not self.fsdp:
             return super().write_checkpoint(folder, strategy, state)
         model, optimizer = get_state_dict(self.model, self.optimizer)
-        save_sharded_checkpoint(folder, {**state, "model": model, "optimizer": optimizer,
-                                         "strategy": strategy.state_dict()}, self.group)
+        save_sharded_checkpoint(folder, {**state, "world_size": self.world_size, "model": model,
+                                         "optimizer": optimizer, "strategy": strategy.state_dict()}, self.group)
 
     def read_checkpoint(self, folder, strategy):
         if not self.fsdp:
-            return super().read_checkpoint(folder, strategy)
-        model, optimizer = get_state_dict(self.model, self.optimizer)  # the live shards, filled in place
-        state = load_sharded_checkpoint(folder, {"model": model, "optimizer": optimizer,
-                                                 "strategy": strategy.state_dict()}, self.cfg, self.group)
+            state = super().read_checkpoint(folder, strategy)
+        else:
+            model, optimizer = get_state_dict(self.model, self.optimizer)  # the live shards, filled in place
+            state = load_sharded_checkpoint(folder, {"model": model, "optimizer": optimizer,
+                                                     "strategy": strategy.state_dict()}, self.cfg, self.group)
+            if state is not None:
+                set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                               optim_state_dict=state["optimizer"])
+                strategy.load_state_dict(state["strategy"])
         if state is not None:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
-            strategy.load_state_dict(state["strategy"])
+            before = state.get("world_sizes", [state.get("world_size", 1)])
+            self.world_sizes = before + [self.world_size] * (before[-1] != self.world_size)
+            generators = state.get("torch_rng_by_rank")
+            if generators is not None and len(generators) == self.world_size:  # fit sets state["torch_rng"]
+                state["torch_rng"] = generators[self.rank]
         return state
 
     def write_weights(self, stem):

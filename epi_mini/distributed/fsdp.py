@@ -53,6 +53,9 @@ def check_fsdp_options(method="epi", mask_interval=20, normalizer="mean", check_
     if method == "static":
         raise ValueError("method 'static' (CPI-FT) is not supported with --fsdp: its probe fine-tunes train "
                          "whole-model copies; run it without --fsdp")
+    if method == "random-mask":
+        raise ValueError("method 'random-mask' is not supported with --fsdp: its random set would have to be drawn "
+                         "over the whole model on every rank; run it without --fsdp")
     if check_sync:
         raise ValueError("--check-sync is not supported with --fsdp: it compares state that DDP replicates on "
                          "every rank, and under FSDP2 every rank holds different shards")
@@ -75,8 +78,10 @@ class FSDPEvolvingIsolation(EPIUpdate):
     ``scores``, ``isolated`` and :meth:`state_bytes` are this rank's (shaped like ``p.to_local()``);
     :meth:`isolated_fraction` and the refresh ``history`` are global (collectives, the same on every rank).
     ``state_dict`` holds the scores and the isolated set as ``DTensor``s sharded like their parameters, for
-    ``torch.distributed.checkpoint``. Not supported (:func:`check_fsdp_options`): ``mask_interval="auto"``
-    and ``normalizer="rank"``.
+    ``torch.distributed.checkpoint``; 8-bit scores (``ema_storage="int8"``) as two flat ``DTensor``s, each rank's
+    codes and block scales padded to the longest rank's (their layout follows the shards, so they resume
+    exactly, with the same number of ranks only). Not supported (:func:`check_fsdp_options`):
+    ``mask_interval="auto"`` and ``normalizer="rank"``.
 
     Non-finite gradients: EPI's own check (:meth:`step`) sees only the local shard; in the training loop it
     never fires, because :func:`~epi_mini.strategy.sft_step` already skips the step on every rank when the
@@ -100,7 +105,12 @@ class FSDPEvolvingIsolation(EPIUpdate):
             raise ValueError("FSDPEvolvingIsolation: the parameters are sharded over different device meshes; "
                              "the global top-rho needs one group of ranks")
         super().__init__(named, **options)
-        self.group = next(iter(meshes)).get_group()
+        self.mesh = next(iter(meshes))
+        self.group = self.mesh.get_group()
+        if self._ema8 is not None:  # the longest rank's 8-bit buffers: every rank's are padded to them
+            self._ema8_lengths = _all_reduce(torch.tensor([self._ema8.codes.numel(), self._ema8.scales.numel()],
+                                                          device=self._ema8.codes.device),
+                                             dist.ReduceOp.MAX, self.group).tolist()
 
     def _tensor(self, name):
         return self.params[name].to_local()  # shares storage with the DTensor: writes land in the parameter
@@ -121,31 +131,57 @@ class FSDPEvolvingIsolation(EPIUpdate):
         return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
                                   run_check=False)
 
+    def _as_flat_dtensor(self, local, length):
+        """A 1-D local buffer, padded with zeros to ``length``, as one ``DTensor`` split evenly over the ranks."""
+        padded = torch.zeros(length, dtype=local.dtype, device=local.device)
+        padded[: local.numel()] = local
+        return DTensor.from_local(padded, self.mesh, (Shard(0),), shape=(length * self.mesh.size(),), stride=(1,),
+                                  run_check=False)
+
+    def _scores_state(self):
+        if self._ema8 is None:
+            return {n: self._as_dtensor(n, s.clone()) for n, s in self._scores.items()}
+        return {"codes": self._as_flat_dtensor(self._ema8.codes, self._ema8_lengths[0]),
+                "scales": self._as_flat_dtensor(self._ema8.scales, self._ema8_lengths[1]), "steps": self._ema8.steps}
+
     def state_dict(self):
-        """The EMA and the isolated set (one uint8 per entry) as ``DTensor``s sharded like their parameters,
-        and the rank-independent counters and history."""
+        """The EMA and the isolated set (one uint8 per entry) as ``DTensor``s sharded like their parameters (the
+        8-bit EMA: see the class), and the rank-independent counters, rho and history."""
         masks = self.isolated
         return {"mask_storage": self.mask_storage, "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
-                "history": [dict(h) for h in self.history],
-                "scores": {n: self._as_dtensor(n, s.clone()) for n, s in self.scores.items()},
+                "isolation_ratio": self.isolation_ratio, "history": [dict(h) for h in self.history],
+                "scores": self._scores_state(),
                 "isolated": {n: self._as_dtensor(n, masks[n].to(torch.uint8)) for n in self.params}}
 
     def load_state_dict(self, state):
-        for key in ("scores", "isolated"):
-            if set(state[key]) != set(self.params):
-                raise ValueError(f"FSDP EPI state: {key} do not match these parameters: "
-                                 f"{sorted(set(state[key]) ^ set(self.params))[:5]}")
+        local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+        if set(state["isolated"]) != set(self.params):
+            raise ValueError(f"FSDP EPI state: isolated do not match these parameters: "
+                             f"{sorted(set(state['isolated']) ^ set(self.params))[:5]}")
         if state["mask_storage"] != self.mask_storage:
             raise ValueError(f"state has mask_storage={state['mask_storage']!r}, this object {self.mask_storage!r}")
-        local = {key: {n: t.to_local() if isinstance(t, DTensor) else t for n, t in state[key].items()}
-                 for key in ("scores", "isolated")}
-        for n, s in local["scores"].items():
-            mine = self.scores[n]
-            if s.shape != mine.shape or s.dtype != mine.dtype or local["isolated"][n].shape != mine.shape:
-                raise ValueError(f"FSDP EPI state of {n!r} on this rank: scores {tuple(s.shape)} {s.dtype}, isolated "
-                                 f"{tuple(local['isolated'][n].shape)}, expected {tuple(mine.shape)} {mine.dtype}")
-            mine.copy_(s)
-        self._set_isolated({n: m.reshape(-1).nonzero().squeeze(1).to(torch.int32)
-                            for n, m in local["isolated"].items()})
+        if (self._ema8 is not None) != ("codes" in state["scores"]):
+            raise ValueError("the saved importance and this object differ in ema_storage ('int8' or not)")
+        isolated = {n: local(m) for n, m in state["isolated"].items()}
+        if self._ema8 is not None:
+            codes, scales = (local(state["scores"][k]) for k in ("codes", "scales"))
+            if (codes.numel(), scales.numel()) != tuple(self._ema8_lengths):
+                raise ValueError(f"FSDP EPI 8-bit state on this rank: {codes.numel()} codes, {scales.numel()} scales, "
+                                 f"expected {self._ema8_lengths[0]} and {self._ema8_lengths[1]} (another world size?)")
+            self._ema8.load_state_dict({"codes": codes[: self._ema8.codes.numel()].clone(),
+                                        "scales": scales[: self._ema8.scales.numel()].clone(),
+                                        "steps": state["scores"]["steps"]})
+        else:
+            if set(state["scores"]) != set(self.params):
+                raise ValueError(f"FSDP EPI state: scores do not match these parameters: "
+                                 f"{sorted(set(state['scores']) ^ set(self.params))[:5]}")
+            for n, s in ((n, local(s)) for n, s in state["scores"].items()):
+                mine = self._scores[n]
+                if s.shape != mine.shape or s.dtype != mine.dtype or isolated[n].shape != mine.shape:
+                    raise ValueError(f"FSDP EPI state of {n!r} on this rank: scores {tuple(s.shape)} {s.dtype}, "
+                                     f"isolated {tuple(isolated[n].shape)}, expected {tuple(mine.shape)} {mine.dtype}")
+                mine.copy_(s)
+        self._set_isolated({n: m.reshape(-1).nonzero().squeeze(1).to(torch.int32) for n, m in isolated.items()})
         self.num_steps, self.skipped_steps = state["num_steps"], state["skipped_steps"]
+        self.isolation_ratio = state.get("isolation_ratio", self.isolation_ratio)
         self.history = [dict(h) for h in state["history"]]
