@@ -9,21 +9,21 @@ score, plasticity, the score of each family at the end, and the base's held-out 
 and the share of its gain over a uniform guess that is kept). The preset's ``learning_rate`` was chosen from
 this table (see ``epi_mini/config.py``); ``--schedule`` and ``--method`` measure other settings.
 """
-import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
-from epi_mini.config import make_config
+from epi_mini.config import OptionParser, make_config
 from epi_mini.experiments import run_many
 from epi_mini.metrics import record_metric
 
-FIGURES = ("average_score", "earlier_final", "plasticity", "lm_loss_final", "lm_loss_rise", "base_gain_kept")
+FIGURES = ("average_score", "forgetting", "earlier_final", "plasticity", "lm_loss_final", "base_gain_kept")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
+    ap = OptionParser(description=__doc__)
     ap.add_argument("--rates", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 2e-3, 3e-3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--preset", default="cpu")
@@ -31,11 +31,14 @@ def main(argv=None):
     ap.add_argument("--method", default="full")
     ap.add_argument("--init", default="base")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--save", default=None, metavar="FILE", help="also write every run's record to FILE (JSON)")
     args = ap.parse_args(argv)
     configs = [make_config(args.preset, learning_rate=lr, seed=s, schedule=args.schedule, method=args.method,
                            init=args.init) for lr in args.rates for s in args.seeds]
     t0 = time.perf_counter()
     records = run_many(configs, workers=args.workers)
+    if args.save:
+        Path(args.save).write_text(json.dumps(records))
     n = len(args.seeds)
     tasks = records[0]["tasks"]
     print(f"{args.method} on {args.schedule}, {args.preset} preset, init {args.init}, seeds {args.seeds} "

@@ -39,7 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lr_warmup_steps: int = 50
     # evaluation
-    eval_interval: int = 100         # also evaluated at the end of every stage
+    eval_interval: int = 125         # also evaluated at the end of every stage
     eval_size: int = 0               # examples per task from the held-out sets; 0 = all of them
     # method (see METHOD_HELP) and its knobs
     method: str = "full"
