@@ -22,9 +22,9 @@ import warnings
 
 import torch
 
-from .compact import BlockwiseEMA8
+from .compact import BlockwiseEMA8, kth_largest
 from .inputs import check_gradient
-from .isolation import MaskedUpdate, overlap_counts
+from .isolation import MaskedUpdate, Selection, overlap_counts
 
 EPS = 1e-12
 
@@ -70,45 +70,6 @@ NORMALIZERS = ("mean", "max", "zscore", "rank")
 
 
 # --- 3. global selection -------------------------------------------------------------------------------------
-def kth_largest(flat, k, method="auto"):
-    """The k-th largest value of a flat float tensor, exactly: ``kthvalue`` (quickselect on a copy, O(N)),
-    ``topk`` (a partial sort, O(N log k)) or ``histogram``: the float32 bit pattern of a non-negative number
-    grows with its value, so its top 16 bits are a bin index in value order; one ``bincount`` finds the bin
-    that holds the k-th largest entry, and ``kthvalue`` on that bin's few entries finishes the job (O(N), three
-    cheap passes). ``"auto"``: the fastest measured by ``benchmarks/cost.py`` (kthvalue below 2**18 entries)."""
-    if method == "auto":
-        method = "kthvalue" if flat.numel() < 2**18 else "histogram"
-    if method == "kthvalue":
-        return torch.kthvalue(flat, flat.numel() - k + 1).values
-    if method == "topk":
-        return torch.topk(flat, k, sorted=False).values.min()
-    low = flat.min()
-    values = flat - low if low < 0 else flat  # z-scores: the same order, shifted to >= 0
-    bins = (values.view(torch.int32) >> 15).clamp_(min=0)  # -0.0 has the sign bit set: it is 0
-    above = torch.bincount(bins, minlength=1 << 16).flip(0).cumsum(0)  # entries in the top j + 1 bins
-    j = int(torch.searchsorted(above, k))
-    inside = flat[bins == (1 << 16) - 1 - j]
-    need = k - (int(above[j - 1]) if j > 0 else 0)
-    return torch.kthvalue(inside, inside.numel() - need + 1).values
-
-
-class Selection(dict):
-    """name -> int32 flat indices of a selection, and the flat mask it came from, so that its overlap with an
-    earlier set costs one gather of that set's entries, not a rebuilt mask."""
-
-    def __init__(self, names, chosen, sizes):
-        self.chosen, self.offsets = chosen, dict(zip(names, [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]))
-        index = chosen.nonzero().squeeze(1)
-        cut = torch.searchsorted(index, torch.tensor(sizes, device=index.device).cumsum(0))
-        for name, part, offset in zip(names, index.tensor_split(cut[:-1].cpu()), self.offsets.values()):
-            self[name] = (part - offset).to(torch.int32)
-
-    def count_of(self, previous):
-        """How many entries of ``previous`` (name -> flat indices) this selection holds too."""
-        parts = [i.long() + self.offsets[n] for n, i in previous.items()]
-        return int(self.chosen.take(torch.cat(parts)).sum()) if parts else 0
-
-
 def top_fraction(scores, ratio, normalizer="mean", method="auto"):
     """Global top-``ratio`` entries of layer-normalised ``scores`` (name -> tensor): a :class:`Selection`,
     name -> int32 flat indices.

@@ -8,7 +8,8 @@ with its momentum. For element-wise optimizers (SGD, Adam, AdamW, ...) this is e
 moves exactly as the plain optimizer moves it.
 
 :class:`MaskedUpdate` holds the set; which entries it holds is decided elsewhere: by EPI's importance,
-refreshed during training (:mod:`epi_mini.epi`), or once by CPI-FT's probes (:mod:`epi_mini.baselines`).
+refreshed during training (:mod:`epi_mini.epi`), or once by CPI-FT's probes (:mod:`epi_mini.baselines`); both
+select with :func:`epi_mini.epi.top_fraction`, which returns a :class:`Selection`.
 """
 import warnings
 
@@ -35,6 +36,23 @@ def overlap_counts(previous, current):
     inter = sum(int(torch.isin(current[n], previous[n]).sum()) for n in current if n in previous)
     size = sum(int(i.numel()) for i in previous.values()) + sum(int(i.numel()) for i in current.values())
     return inter, size - inter
+
+
+class Selection(dict):
+    """name -> int32 flat indices of a selection, and the flat mask it came from, so that its overlap with an
+    earlier set costs one gather of that set's entries, not a rebuilt mask."""
+
+    def __init__(self, names, chosen, sizes):
+        self.chosen, self.offsets = chosen, dict(zip(names, [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]))
+        index = chosen.nonzero().squeeze(1)
+        cut = torch.searchsorted(index, torch.tensor(sizes, device=index.device).cumsum(0))
+        for name, part, offset in zip(names, index.tensor_split(cut[:-1].cpu()), self.offsets.values()):
+            self[name] = (part - offset).to(torch.int32)
+
+    def count_of(self, previous):
+        """How many entries of ``previous`` (name -> flat indices) this selection holds too."""
+        parts = [i.long() + self.offsets[n] for n, i in previous.items()]
+        return int(self.chosen.take(torch.cat(parts)).sum()) if parts else 0
 
 
 class MaskedUpdate:
