@@ -143,7 +143,8 @@ def kth_largest(flat, k, method="auto"):
     ``topk`` (a partial sort, O(N log k)) or ``histogram``: the float32 bit pattern of a non-negative number
     grows with its value, so its top 16 bits are a bin index in value order; one ``bincount`` finds the bin
     that holds the k-th largest entry, and ``kthvalue`` on that bin's few entries finishes the job (O(N), three
-    cheap passes). ``"auto"``: the fastest measured by ``benchmarks/cost.py`` (kthvalue below 2**18 entries)."""
+    cheap passes; any float dtype: a float64 value rounded to float32 keeps its order). ``"auto"``: the fastest
+    measured by ``benchmarks/cost.py`` (kthvalue below 2**18 entries)."""
     if method == "auto":
         method = "kthvalue" if flat.numel() < 2**18 else "histogram"
     if method == "kthvalue":
@@ -152,7 +153,7 @@ def kth_largest(flat, k, method="auto"):
         return torch.topk(flat, k, sorted=False).values.min()
     low = flat.min()
     values = flat - low if low < 0 else flat  # z-scores: the same order, shifted to >= 0
-    bins = (values.view(torch.int32) >> 15).clamp_(min=0)  # -0.0 has the sign bit set: it is 0
+    bins = (values.float().view(torch.int32) >> 15).clamp_(min=0)  # -0.0 has the sign bit set: it is 0
     above = torch.bincount(bins, minlength=1 << 16).flip(0).cumsum(0)  # entries in the top j + 1 bins
     j = int(torch.searchsorted(above, k))
     inside = flat[bins == (1 << 16) - 1 - j]

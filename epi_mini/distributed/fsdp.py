@@ -126,7 +126,7 @@ class FSDPEvolvingIsolation(EPIUpdate):
         and the rank-independent counters and history."""
         masks = self.isolated
         return {"mask_storage": self.mask_storage, "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
-                "history": [dict(h) for h in self.history],
+                "refresh_next": self._refresh_next, "history": [dict(h) for h in self.history],
                 "scores": {n: self._as_dtensor(n, s.clone()) for n, s in self.scores.items()},
                 "isolated": {n: self._as_dtensor(n, masks[n].to(torch.uint8)) for n in self.params}}
 
@@ -148,4 +148,5 @@ class FSDPEvolvingIsolation(EPIUpdate):
         self._set_isolated({n: m.reshape(-1).nonzero().squeeze(1).to(torch.int32)
                             for n, m in local["isolated"].items()})
         self.num_steps, self.skipped_steps = state["num_steps"], state["skipped_steps"]
+        self._refresh_next = state.get("refresh_next", False)  # a set_isolation_ratio not yet applied
         self.history = [dict(h) for h in state["history"]]
