@@ -8,7 +8,7 @@
    batches, taking turns step by step (round-robin), so machine noise hits them alike. Repeated ``--repeats``
    times; the ratio to AdamW is printed as the median of the repeats, with their min-max.
 3. **Refresh**: normalise + global top-rho + the overlap with the previous set, in ns per parameter, from 0.1M
-   to 100M parameters, for each threshold method of ``epi_mini.epi.kth_largest`` (``auto`` is what EPI uses).
+   to 100M parameters, for each threshold method of ``epi_mini.compact.kth_largest`` (``auto`` is what EPI uses).
 4. **8-bit importance vs fp32**: one EPI run of the ``cpu`` preset; the same gradients also feed an 8-bit EMA,
    and at every refresh both pick their top-rho set: the Jaccard overlap of the two, across the run.
 5. **GPU**: the ``gpu`` preset's step time and EPI's ratio, when a CUDA device is present.

@@ -29,11 +29,11 @@ class AdaptiveIsolation(EvolvingIsolation):
                         .to(p.device) for n, p in self.params.items()}
         self._sample_member = None  # which sampled entries the current isolated set holds
 
-    def _due(self):
-        t = self.num_steps - self.warmup_steps
-        if t < 1:
-            return False
-        return not self.history or (t % self.auto_check_every == 0 and self.estimated_drift() > self.drift_threshold)
+    def _due(self, t):  # a refresh is considered: the first, a pending one (set_isolation_ratio), or every check
+        return t >= 1 and (self._refresh_next or not self.history or t % self.auto_check_every == 0)
+
+    def _wants_refresh(self):  # and taken if it is the first or a pending one, or if the set has drifted
+        return self._refresh_next or not self.history or self.estimated_drift() > self.drift_threshold
 
     @torch.no_grad()
     def refresh(self):

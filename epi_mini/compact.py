@@ -10,6 +10,9 @@ parameter). Two smaller forms, decoded to indices at every step:
 
 The EMA costs 4 bytes per parameter in float32, 2 in bfloat16, and 1.03 as :class:`BlockwiseEMA8`; with the
 gaps at rho = 0.1, EPI's whole state is 1.13 bytes per parameter.
+
+The 8-bit EMA reads a float's bit pattern as an integer; so does :func:`kth_largest`, the exact, sort-free
+threshold of EPI's global top-rho selection (:func:`epi_mini.epi.top_fraction`).
 """
 import torch
 
@@ -132,3 +135,27 @@ class BlockwiseEMA8:
             raise ValueError(f"8-bit importance state of {state['codes'].numel()} codes, expected {self.codes.numel()}")
         self.codes, self.scales = state["codes"].to(self.codes.device), state["scales"].to(self.scales.device)
         self.steps = state["steps"]
+
+
+# --- the k-th largest score, for a global top-rho selection without a sort ---------------------------------------
+def kth_largest(flat, k, method="auto"):
+    """The k-th largest value of a flat float tensor, exactly: ``kthvalue`` (quickselect on a copy, O(N)),
+    ``topk`` (a partial sort, O(N log k)) or ``histogram``: the float32 bit pattern of a non-negative number
+    grows with its value, so its top 16 bits are a bin index in value order; one ``bincount`` finds the bin
+    that holds the k-th largest entry, and ``kthvalue`` on that bin's few entries finishes the job (O(N), three
+    cheap passes; any float dtype: a float64 value rounded to float32 keeps its order). ``"auto"``: the fastest
+    measured by ``benchmarks/cost.py`` (kthvalue below 2**18 entries)."""
+    if method == "auto":
+        method = "kthvalue" if flat.numel() < 2**18 else "histogram"
+    if method == "kthvalue":
+        return torch.kthvalue(flat, flat.numel() - k + 1).values
+    if method == "topk":
+        return torch.topk(flat, k, sorted=False).values.min()
+    low = flat.min()
+    values = flat - low if low < 0 else flat  # z-scores: the same order, shifted to >= 0
+    bins = (values.float().view(torch.int32) >> 15).clamp_(min=0)  # -0.0 has the sign bit set: it is 0
+    above = torch.bincount(bins, minlength=1 << 16).flip(0).cumsum(0)  # entries in the top j + 1 bins
+    j = int(torch.searchsorted(above, k))
+    inside = flat[bins == (1 << 16) - 1 - j]
+    need = k - (int(above[j - 1]) if j > 0 else 0)
+    return torch.kthvalue(inside, inside.numel() - need + 1).values

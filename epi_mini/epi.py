@@ -22,17 +22,17 @@ import warnings
 
 import torch
 
-from .compact import BlockwiseEMA8
-from .inputs import check_gradient
-from .isolation import MaskedUpdate, overlap_counts
+from .compact import BlockwiseEMA8, kth_largest
+from .inputs import check_gradient, unscale_for_fused_step
+from .isolation import MaskedUpdate, Selection, StepCount, overlap_counts
 
 EPS = 1e-12
 
 
 # --- 1. importance scores: f(param, grad) -> per-element score >= 0. Add your own in one line. ------------
 def squared_gradient(param, grad):
-    """EPI's default: g**2, whose EMA is a diagonal empirical-Fisher estimate."""
-    return grad * grad
+    """EPI's default: g**2 (|g|**2 for a complex g), whose EMA is a diagonal empirical-Fisher estimate."""
+    return torch.view_as_real(grad).square().sum(-1) if grad.is_complex() else grad * grad
 
 
 def gradient_times_weight(param, grad):
@@ -70,45 +70,6 @@ NORMALIZERS = ("mean", "max", "zscore", "rank")
 
 
 # --- 3. global selection -------------------------------------------------------------------------------------
-def kth_largest(flat, k, method="auto"):
-    """The k-th largest value of a flat float tensor, exactly: ``kthvalue`` (quickselect on a copy, O(N)),
-    ``topk`` (a partial sort, O(N log k)) or ``histogram``: the float32 bit pattern of a non-negative number
-    grows with its value, so its top 16 bits are a bin index in value order; one ``bincount`` finds the bin
-    that holds the k-th largest entry, and ``kthvalue`` on that bin's few entries finishes the job (O(N), three
-    cheap passes). ``"auto"``: the fastest measured by ``benchmarks/cost.py`` (kthvalue below 2**18 entries)."""
-    if method == "auto":
-        method = "kthvalue" if flat.numel() < 2**18 else "histogram"
-    if method == "kthvalue":
-        return torch.kthvalue(flat, flat.numel() - k + 1).values
-    if method == "topk":
-        return torch.topk(flat, k, sorted=False).values.min()
-    low = flat.min()
-    values = flat - low if low < 0 else flat  # z-scores: the same order, shifted to >= 0
-    bins = (values.view(torch.int32) >> 15).clamp_(min=0)  # -0.0 has the sign bit set: it is 0
-    above = torch.bincount(bins, minlength=1 << 16).flip(0).cumsum(0)  # entries in the top j + 1 bins
-    j = int(torch.searchsorted(above, k))
-    inside = flat[bins == (1 << 16) - 1 - j]
-    need = k - (int(above[j - 1]) if j > 0 else 0)
-    return torch.kthvalue(inside, inside.numel() - need + 1).values
-
-
-class Selection(dict):
-    """name -> int32 flat indices of a selection, and the flat mask it came from, so that its overlap with an
-    earlier set costs one gather of that set's entries, not a rebuilt mask."""
-
-    def __init__(self, names, chosen, sizes):
-        self.chosen, self.offsets = chosen, dict(zip(names, [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]))
-        index = chosen.nonzero().squeeze(1)
-        cut = torch.searchsorted(index, torch.tensor(sizes, device=index.device).cumsum(0))
-        for name, part, offset in zip(names, index.tensor_split(cut[:-1].cpu()), self.offsets.values()):
-            self[name] = (part - offset).to(torch.int32)
-
-    def count_of(self, previous):
-        """How many entries of ``previous`` (name -> flat indices) this selection holds too."""
-        parts = [i.long() + self.offsets[n] for n, i in previous.items()]
-        return int(self.chosen.take(torch.cat(parts)).sum()) if parts else 0
-
-
 def top_fraction(scores, ratio, normalizer="mean", method="auto"):
     """Global top-``ratio`` entries of layer-normalised ``scores`` (name -> tensor): a :class:`Selection`,
     name -> int32 flat indices.
@@ -118,11 +79,13 @@ def top_fraction(scores, ratio, normalizer="mean", method="auto"):
     is deterministic. One pass normalises into a flat buffer; ``normalizer=None`` selects on the raw scores.
     """
     sizes = [s.numel() for s in scores.values()]
-    flat = torch.empty(sum(sizes), device=next(iter(scores.values())).device)
+    flat = torch.empty(sum(sizes), dtype=torch.float32, device=next(iter(scores.values())).device)
     for s, chunk in zip(scores.values(), flat.split(sizes)):
         chunk.copy_(s.reshape(-1)) if normalizer is None else normalize(s, normalizer, out=chunk)
     k = round(ratio * flat.numel())
     if k == 0:
+        if ratio > 0:
+            warnings.warn(f"isolation_ratio={ratio} of {flat.numel()} entries rounds to 0: nothing is isolated")
         return Selection(list(scores), torch.zeros_like(flat, dtype=torch.bool), sizes)
     threshold = kth_largest(flat, k, method)
     chosen = flat >= threshold
@@ -165,8 +128,9 @@ class EvolvingIsolation(MaskedUpdate):
     :data:`NORMALIZERS`; ``importance`` a name in :data:`IMPORTANCE_SCORES` or any ``f(param, grad) -> score``.
 
     A gradient with a NaN or inf skips the whole step (no importance update, no optimizer step) with a
-    warning; ``skipped_steps`` grows and ``step`` returns False. No NaN ever reaches the scores. (A step that
-    a ``GradScaler`` skips never reaches the optimizer, so it never reaches EPI either.)
+    warning; ``skipped_steps`` grows and ``step`` returns False. No NaN ever reaches the scores. A step that
+    a ``GradScaler`` skips never reaches EPI: it is not stepped, or (a fused optimizer) it is skipped on the
+    device by the flag the scaler hands it, and so is EPI's part (see :meth:`_observe`).
     """
 
     def __init__(self, params, isolation_ratio=0.1, mask_interval=20, ema_beta=0.99, warmup_steps=100,
@@ -189,48 +153,69 @@ class EvolvingIsolation(MaskedUpdate):
         self._ema8 = BlockwiseEMA8(shapes, device) if ema_storage == "int8" else None
         self._scores = {} if self._ema8 else {n: torch.zeros(s, dtype=torch.bfloat16 if ema_storage == "bf16" else
                                                              torch.float32, device=device) for n, s in shapes.items()}
-        self.num_steps, self.skipped_steps, self.history, self._refresh_next = 0, 0, [], False
-        self._skipped_on_device = 0  # steps skipped by a device flag (see _observe), read back only on demand
+        self._count, self.history, self._refresh_next = StepCount(), [], False
+
+    @property
+    def num_steps(self):
+        """Steps taken (a step skipped by a device flag is not one; reading this may wait for the device)."""
+        return self._count.taken
+
+    @num_steps.setter
+    def num_steps(self, value):
+        self._count.taken = value
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped: by a non-finite gradient seen here, or by the device flag ``found_inf``."""
+        return self._count.skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value):
+        self._count.skipped = value
 
     def set_isolation_ratio(self, ratio):
         """Change rho; the set is refreshed at the next step (once warm-up is over), whatever K says."""
         check_options(isolation_ratio=ratio)
         self.isolation_ratio, self._refresh_next = ratio, True
 
-    def _due(self):
-        """Is a refresh due at this step? ``t`` counts the steps since warm-up ended (>= 1 once it may start)."""
-        t = self.num_steps - self.warmup_steps
+    def _due(self, t):
+        """Is a refresh due after ``t`` steps since warm-up ended (>= 1 once it may start)? Cheap: called at
+        every step, with an upper bound of ``t`` first (see _observe)."""
         if t < 1:
             return False
         if self._refresh_next:
-            self._refresh_next = False
             return True
         return not self.history if self.mask_interval == "once" else (t - 1) % self.mask_interval == 0
+
+    def _wants_refresh(self):
+        """The last word on a due refresh (AdaptiveIsolation: has the isolated set drifted?)."""
+        return True
 
     @torch.no_grad()
     def _observe(self, optimizer=None):
         """Steps 1 and 3: the EMA update with this step's gradients, then a refresh if one is due.
 
-        An optimizer that skips its own update by a device flag ``found_inf`` (a fused one, under a GradScaler or
-        the training loop on an accelerator) gets the same from EPI: the EMA update is gated by that flag, and
-        nothing is read back to the host (the step is counted in ``num_steps`` either way)."""
+        An optimizer handed a device flag ``found_inf`` (a fused one, under a GradScaler or the training loop on
+        an accelerator) skips its update by that flag, and so does EPI, with nothing read back to the host: the
+        EMA update is gated by the flag, and the step is counted by :class:`~epi_mini.isolation.StepCount`,
+        read back only when a refresh may be due. Gradients the scaler left scaled are unscaled first."""
+        found_inf = unscale_for_fused_step(optimizer)
         grads = [(n, g) for n, g in ((n, self._grad(n)) for n in self.params) if g is not None]
         for n, g in grads:
             check_gradient(n, g)
-        found_inf = getattr(optimizer, "found_inf", None)
         finite = found_inf is not None or not grads or torch.isfinite(torch.stack(torch._foreach_norm(
             [g for _, g in grads]))).all()
         if not finite:
-            self.skipped_steps += 1
+            self._count.skip()
             warnings.warn(f"EvolvingIsolation: non-finite gradient at step {self.num_steps + 1}; step skipped "
                           f"({self.skipped_steps} so far), importance scores left unchanged")
             return False
         self._update_ema(grads, None if found_inf is None else 1.0 - found_inf)
-        if found_inf is not None:
-            self._skipped_on_device = self._skipped_on_device + found_inf
-        self.num_steps += 1
-        if self._due():
-            self.refresh()
+        self._count.add(found_inf)
+        if self._due(self._count.upper - self.warmup_steps) and self._count.settle():  # the count is exact now
+            if self._due(self.num_steps - self.warmup_steps) and self._wants_refresh():
+                self._refresh_next = False
+                self.refresh()
         return True
 
     def _update_ema(self, grads, keep=None):
@@ -241,7 +226,7 @@ class EvolvingIsolation(MaskedUpdate):
         old = {n: self._scores[n] for n, _ in grads}
         if keep is not None:
             self._scores.update({n: s.clone() for n, s in old.items()})
-        if self.importance is squared_gradient and grads and self._scores[grads[0][0]].dtype == grads[0][1].dtype:
+        if self.importance is squared_gradient and grads and all(self._scores[n].dtype == g.dtype for n, g in grads):
             emas, gs = [self._scores[n] for n, _ in grads], [g for _, g in grads]
             torch._foreach_mul_(emas, self.ema_beta)  # fused over all tensors: the common case, fast
             torch._foreach_addcmul_(emas, gs, gs, value=1 - self.ema_beta)
@@ -295,7 +280,7 @@ class EvolvingIsolation(MaskedUpdate):
     def state_dict(self):
         ema = self._ema8.state_dict() if self._ema8 else {n: s.clone() for n, s in self._scores.items()}
         return {**super().state_dict(), "scores": ema,
-                "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
+                "num_steps": self.num_steps, "skipped_steps": self.skipped_steps, "refresh_next": self._refresh_next,
                 "isolation_ratio": self.isolation_ratio, "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state):
@@ -315,6 +300,7 @@ class EvolvingIsolation(MaskedUpdate):
                     raise ValueError(f"importance of {n!r}: saved {tuple(s.shape)} {s.dtype}, "
                                      f"expected {tuple(self._scores[n].shape)} {self._scores[n].dtype}")
                 self._scores[n].copy_(s)
-        self.num_steps, self.skipped_steps = state["num_steps"], state["skipped_steps"]
+        self._count = StepCount(state["num_steps"], state["skipped_steps"])
         self.isolation_ratio = state.get("isolation_ratio", self.isolation_ratio)
+        self._refresh_next = state.get("refresh_next", False)  # a set_isolation_ratio not yet applied
         self.history = [dict(h) for h in state["history"]]

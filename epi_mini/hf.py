@@ -12,7 +12,8 @@ What the callback does, at each of the Trainer's events:
   the one you give it) and attaches it to the torch optimizer that accelerate's ``AcceleratedOptimizer``
   wraps. The Trainer keeps calling its own ``optimizer.step()``; accelerate's wrapper, its GradScaler (fp16),
   gradient accumulation and the Trainer's gradient clipping stay in charge, and every step the inner optimizer
-  actually takes is masked (a step the scaler skips never reaches EPI). When the Trainer resumes from a
+  actually takes is masked (a step the scaler skips reaches neither EPI's importance nor its step count, also
+  with the Trainer's default fused AdamW, which the scaler steps with a skip flag). When the Trainer resumes from a
   checkpoint, the EPI state saved in that checkpoint is loaded, so warm-up does not start again.
 * ``on_save`` -- writes the EPI state (importance EMA, isolated set, step count, history) as ``epi_state.pt``
   into the checkpoint folder the Trainer has just written (atomically; read back with ``weights_only=True``).

@@ -62,20 +62,54 @@ def check_optimizer(managed, optimizer):
                          "this optimizer steps, or give the optimizer all of them")
 
 
+def held_optimizer(obj):
+    """The torch optimizer that ``obj`` holds as one of its attributes (``.optimizer`` for accelerate's
+    ``AcceleratedOptimizer`` and most Lookahead implementations, ``.base_optimizer`` for SAM and timm's
+    Lookahead, ...), or None. Raise ``TypeError`` if it holds more than one: which of them steps is unknown."""
+    held = {name: value for name, value in getattr(obj, "__dict__", {}).items()
+            if isinstance(value, torch.optim.Optimizer) and value is not obj}
+    if len({id(v) for v in held.values()}) > 1:
+        raise TypeError(f"{type(obj).__name__} holds several torch optimizers ({', '.join(sorted(held))}): attach the "
+                        "isolation to the one that steps the managed parameters")
+    return next(iter(held.values()), None)
+
+
 def unwrap_optimizer(optimizer):
-    """The torch optimizer that takes the step: ``optimizer`` itself, or the one a wrapper holds as
-    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, which the Hugging Face Trainer steps). Step hooks
-    registered on such a wrapper never run (it never calls ``torch.optim.Optimizer.__init__``), and the
-    wrapper's ``step`` may rightly skip the inner one (a GradScaler overflow, a gradient-accumulation micro-batch),
-    so the masked step belongs on the inner optimizer. Raise ``TypeError`` for anything else."""
-    inner = optimizer
-    while "_optimizer_step_pre_hooks" not in vars(inner) and isinstance(getattr(inner, "optimizer", None),
-                                                                        torch.optim.Optimizer):
-        inner = inner.optimizer
+    """``(inner, wrappers)``: the torch optimizer that takes the step, and the objects wrapped around it,
+    outermost first (each holds the next as an attribute, see :func:`held_optimizer`).
+
+    EPI's masked step belongs on ``inner``: there the gradients are final (a GradScaler has unscaled them, a
+    SAM closure has run) and the step is known to happen (a wrapper may rightly skip it: a GradScaler overflow,
+    a gradient-accumulation micro-batch). But a wrapper may also move the weights itself, after its inner step
+    (Lookahead pulls them towards its slow weights every k steps): so the caller also wraps each wrapper's own
+    ``step`` (:meth:`~epi_mini.isolation.MaskedUpdate.attach`). Raise ``TypeError`` if ``inner`` is not a torch
+    optimizer with step hooks."""
+    inner, wrappers = optimizer, []
+    while (held := held_optimizer(inner)) is not None:
+        inner, wrappers = held, [*wrappers, inner]
     if not isinstance(inner, torch.optim.Optimizer) or "_optimizer_step_pre_hooks" not in vars(inner):
-        raise TypeError(f"EPI masks a step through torch.optim.Optimizer's step hooks; {type(optimizer).__name__} is "
-                        "not a torch optimizer and holds none as .optimizer: pass the torch optimizer it wraps")
-    return inner
+        raise TypeError(f"EPI masks a step through torch.optim.Optimizer's step hooks; {type(inner).__name__} is "
+                        "not a torch optimizer and holds none as an attribute: pass the torch optimizer it wraps")
+    return inner, wrappers
+
+
+def unscale_for_fused_step(optimizer):
+    """The device flag ``found_inf`` handed to ``optimizer`` for this step (1: skip it), or None; and the
+    gradients unscaled, if they were handed over scaled.
+
+    ``GradScaler.step`` does not unscale for an optimizer that can do it in its own kernel
+    (``_step_supports_amp_scaling``: a fused AdamW, ``adamw_torch_fused`` in the Hugging Face Trainer): it
+    sets ``optimizer.grad_scale`` and ``optimizer.found_inf`` and calls ``step()``, which skips its update on the
+    device when ``found_inf`` is 1 (so does the project's loop on an accelerator, :func:`epi_mini.strategy.sft_step`,
+    with ``found_inf`` alone). EPI must score unscaled gradients, so this does what ``scaler.unscale_(optimizer)``
+    would have done -- multiply every gradient of the optimizer by 1 / scale, in place, on the device -- and
+    tells the optimizer (``grad_scale = None``, the scaler's own value after ``unscale_``)."""
+    handed = getattr(optimizer, "__dict__", {})  # both are set on the object for one step; no getattr at every step
+    if handed.get("grad_scale") is not None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, handed["grad_scale"].double().reciprocal().float())  # as GradScaler.unscale_
+        optimizer.grad_scale = None
+    return handed.get("found_inf")
 
 
 def check_gradient(name, grad):

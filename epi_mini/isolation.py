@@ -8,9 +8,12 @@ with its momentum. For element-wise optimizers (SGD, Adam, AdamW, ...) this is e
 moves exactly as the plain optimizer moves it.
 
 :class:`MaskedUpdate` holds the set; which entries it holds is decided elsewhere: by EPI's importance,
-refreshed during training (:mod:`epi_mini.epi`), or once by CPI-FT's probes (:mod:`epi_mini.baselines`).
+refreshed during training (:mod:`epi_mini.epi`), or once by CPI-FT's probes (:mod:`epi_mini.baselines`); both
+select with :func:`epi_mini.epi.top_fraction`, which returns a :class:`Selection`.
 """
+import functools
 import warnings
+import weakref
 
 import torch
 
@@ -37,6 +40,23 @@ def overlap_counts(previous, current):
     return inter, size - inter
 
 
+class Selection(dict):
+    """name -> int32 flat indices of a selection, and the flat mask it came from, so that its overlap with an
+    earlier set costs one gather of that set's entries, not a rebuilt mask."""
+
+    def __init__(self, names, chosen, sizes):
+        self.chosen, self.offsets = chosen, dict(zip(names, [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]))
+        index = chosen.nonzero().squeeze(1)
+        cut = torch.searchsorted(index, torch.tensor(sizes, device=index.device).cumsum(0))
+        for name, part, offset in zip(names, index.tensor_split(cut[:-1].cpu()), self.offsets.values()):
+            self[name] = (part - offset).to(torch.int32)
+
+    def count_of(self, previous):
+        """How many entries of ``previous`` (name -> flat indices) this selection holds too."""
+        parts = [i.long() + self.offsets[n] for n, i in previous.items()]
+        return int(self.chosen.take(torch.cat(parts)).sum()) if parts else 0
+
+
 class MaskedUpdate:
     """Holds an isolated set (name -> flat indices) and makes optimizer steps leave it exactly unchanged.
 
@@ -55,7 +75,9 @@ class MaskedUpdate:
         self.mask_storage = mask_storage
         self._stored = {}  # name -> int32 indices, or uint8 codes (bits or gaps, see compact.py); absent = none
         self._fraction = 0.0  # isolated share of all entries; None = to be recounted
-        self._hooks, self._saved, self._checked, self._taken = [], None, None, True
+        self._hooks, self._saved, self._taken = [], None, True
+        self._checked = None  # (weak reference to the optimizer last checked, its number of param groups then)
+        self._depth = 0  # wrapper steps under way (see attach)
 
     def _tensor(self, name):
         """The tensor whose entries are isolated (a sharded subclass returns this process's shard)."""
@@ -125,22 +147,40 @@ class MaskedUpdate:
 
     def attach(self, optimizer):
         """Mask every ``optimizer.step()`` from now on (until :meth:`detach`, or the end of a ``with`` block).
-        A wrapper such as accelerate's ``AcceleratedOptimizer`` is attached through the torch optimizer it wraps."""
-        optimizer = unwrap_optimizer(optimizer)
+
+        The hooks go on the torch optimizer that takes the step: for a wrapper -- accelerate's
+        ``AcceleratedOptimizer``, Lookahead, SAM -- the one it holds (:func:`~epi_mini.inputs.unwrap_optimizer`),
+        so a step the wrapper skips is not seen, and SAM's ``first_step``/``second_step`` are masked too. Each
+        wrapper's own ``step`` is also wrapped (:class:`WrappedStep`): when it returns, the isolated entries are
+        written back once more, over anything the wrapper moved after its inner step (Lookahead's sync)."""
+        inner, wrappers = unwrap_optimizer(optimizer)
         if self._hooks:
             raise RuntimeError("this isolation is already attached to an optimizer: call optimizer.step(), which is "
                                "masked, not isolation.step(optimizer); or detach() first")
-        if self._checked != id(optimizer):
-            check_optimizer(self.params, optimizer)
-            self._checked = id(optimizer)
-        self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
-                       optimizer.register_step_post_hook(lambda *_: self._restore())]
+        self._check(inner)
+        self._hooks = [inner.register_step_pre_hook(self._pre_step), inner.register_step_post_hook(self._post_step),
+                       *(WrappedStep(w, self) for w in wrappers)]
         return self
+
+    def _check(self, optimizer):
+        """:func:`~epi_mini.inputs.check_optimizer`, again whenever the optimizer is another one (known by a weak
+        reference: a new optimizer may reuse a freed ``id()``) or its param groups changed; a group added after
+        the check holds parameters this isolation does not manage (torch refuses one parameter in two groups)."""
+        same = self._checked is not None and self._checked[0]() is optimizer
+        if same and self._checked[1] == len(optimizer.param_groups):
+            return  # every step: the cheap case
+        check_optimizer(self.params, optimizer)
+        if same and len(optimizer.param_groups) > self._checked[1]:
+            added = [p for group in optimizer.param_groups[self._checked[1]:] for p in group["params"]]
+            warnings.warn(f"{len(added)} parameter(s) of shape(s) {sorted({tuple(p.shape) for p in added})[:5]} were "
+                          f"added to the optimizer (add_param_group) after the {type(self).__name__} was attached: "
+                          "they train without isolation; build the isolation over every parameter the optimizer steps")
+        self._checked = (weakref.ref(optimizer), len(optimizer.param_groups))
 
     def detach(self):
         for hook in self._hooks:
             hook.remove()
-        self._hooks = []
+        self._hooks, self._depth = [], 0
 
     def __enter__(self):
         return self
@@ -154,15 +194,20 @@ class MaskedUpdate:
         if closure is None:
             return self._save(optimizer)
 
+        saved = False
+
         def first_evaluation_saves():  # the gradients exist only once the closure has run
+            nonlocal saved
             loss = closure()
-            if self._saved is None:
+            if not saved:
                 self._save(optimizer)
+                saved = True
             return loss
         return (args[0], first_evaluation_saves), {k: v for k, v in kwargs.items() if k != "closure"}
 
     @torch.no_grad()
     def _save(self, optimizer):
+        self._check(optimizer)
         self._warn_unfrozen(optimizer)
         self._taken = self._observe(optimizer)
         if not self._taken:  # a skipped step: with no gradients the optimizer moves nothing, moments included
@@ -172,11 +217,15 @@ class MaskedUpdate:
         self._saved = [(self._tensor(n), i, self._tensor(n).take(i)) for n, i in
                        ((n, i.long()) for n, i in self.isolated_indices().items())]
 
+    def _post_step(self, optimizer, args, kwargs):
+        self._restore()
+
     @torch.no_grad()
     def _restore(self):
         for t, i, values in self._saved or ():
             t.put_(i, values)
-        self._saved = None
+        if not self._depth:  # inside a wrapper's step, kept: written back once more when that step returns
+            self._saved = None
 
     def _observe(self, optimizer=None):
         """What a subclass learns from this step's gradients before it is taken; False skips the step."""
@@ -189,6 +238,14 @@ class MaskedUpdate:
                     warnings.warn(f"parameter {self._frozen.pop(id(p))!r} now has a gradient but did not require one "
                                   "when the isolation was built: it is trained without isolation; build the "
                                   "isolation after unfreezing it")
+
+    def __getstate__(self):
+        """Pickled (``torch.save(isolation)``, ``copy.deepcopy``), an isolation is copied detached: its hooks live
+        on the optimizer. ``state_dict()`` is the way to save and resume one."""
+        if self._hooks:
+            warnings.warn(f"pickling an attached {type(self).__name__}: the copy is detached (its step hooks live on "
+                          "the optimizer and are not copied); attach the copy to its optimizer, or save state_dict()")
+        return {**vars(self), "_hooks": [], "_saved": None, "_checked": None, "_depth": 0}
 
     def state_dict(self):
         return {"mask_storage": self.mask_storage, "stored": {n: t.clone() for n, t in self._stored.items()}}
@@ -207,3 +264,85 @@ class MaskedUpdate:
             raise ValueError(f"state has mask_storage={state['mask_storage']!r}, this object {self.mask_storage!r}")
         self._stored = {n: t.to(self._tensor(n).device) for n, t in self._by_our_names(state["stored"]).items()}
         self._fraction = None
+
+
+class WrappedStep:
+    """``wrapper.step`` replaced, on that one object, by a step that writes the isolated entries back once more
+    when it returns (its inner optimizer's hooks have saved them, and restored them once already); with the
+    interface of a hook handle: :meth:`remove` puts the original back. The replacement carries the original's
+    attributes (``functools.wraps``), such as the mark a learning-rate scheduler leaves on the step it wrapped."""
+
+    def __init__(self, wrapper, isolation):
+        self.wrapper, own, original = wrapper, vars(wrapper).get("step"), wrapper.step  # own: set on the object
+
+        @functools.wraps(original)
+        def step(*args, **kwargs):
+            isolation._depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                isolation._depth -= 1
+                isolation._restore()
+        self.own, self.step = own, step
+        wrapper.step = step
+
+    def remove(self):
+        if vars(self.wrapper).get("step") is self.step:  # (unless something has replaced it since)
+            if self.own is None:
+                del self.wrapper.step
+            else:
+                self.wrapper.step = self.own
+
+
+class StepCount:
+    """Steps taken and skipped, when a step may be skipped by a flag on the device.
+
+    An optimizer handed ``found_inf`` (a 0-dim device tensor; see :func:`~epi_mini.inputs.unscale_for_fused_step`)
+    skips its update on the device when it is > 0, and reading it on the host at every step would stall the
+    device. So :meth:`add` counts a flagged step as taken in ``upper`` (an upper bound, on the host) and adds its
+    flag up on the device; :meth:`settle` reads the sum back (one host sync) and corrects the counts. EPI settles
+    only when ``upper`` says a refresh may be due, so it refreshes at exactly the steps a host-checked loop would.
+    ``taken`` and ``skipped`` settle first, then are exact (and may be set, e.g. on resume)."""
+
+    def __init__(self, taken=0, skipped=0):
+        self.upper, self._skipped, self._flags, self._last, self._last_taken = taken, skipped, None, None, True
+
+    def add(self, found_inf=None):
+        """Count one step; ``found_inf``: its device flag (> 0: skipped), or None for a step known to be taken."""
+        self.upper += 1
+        self._last_taken = found_inf is None
+        if found_inf is not None:
+            self._last = found_inf.reshape(()) > 0
+            self._flags = self._last.long() if self._flags is None else self._flags + self._last
+
+    def skip(self):
+        """Count a step skipped on the host (which knows it already)."""
+        self._skipped += 1
+
+    def settle(self):
+        """Read the flags back and correct the counts; return whether the latest step was taken."""
+        if self._flags is not None:
+            skipped, last = torch.stack([self._flags, self._last.long()]).tolist()
+            self.upper, self._skipped, self._flags = self.upper - skipped, self._skipped + skipped, None
+            self._last_taken = self._last_taken or not last
+        return self._last_taken
+
+    @property
+    def taken(self):
+        self.settle()
+        return self.upper
+
+    @taken.setter
+    def taken(self, value):
+        self.settle()
+        self.upper = value
+
+    @property
+    def skipped(self):
+        self.settle()
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value):
+        self.settle()
+        self._skipped = value

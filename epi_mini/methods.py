@@ -65,7 +65,7 @@ class EPIUpdate(EvolvingIsolation, UpdateStrategy):
 
     def summary(self):
         return {"refreshes": len(self.history), "history": self.history,
-                "skipped_steps": self.skipped_steps + int(self._skipped_on_device),
+                "skipped_steps": self.skipped_steps,
                 "state_bytes": self.state_bytes()}
 
     def state_dict(self):

@@ -135,8 +135,9 @@ def test_the_loop_without_host_sync_gives_the_record_of_the_loop_with_it():
     """fit(sync=False) -- what an accelerator runs -- against fit(sync=True) on the CPU, both with fused AdamW:
     the very same record, for plain SFT with a poisoned step (skipped and counted either way; losses are read
     back in batches instead of one by one) and for EPI (its EMA update, gated on the device, rounds exactly as
-    the host-checked one). One difference is by design: EPI counts a step skipped on the device in its own
-    step count (the host never learns of it), so a poisoned step shifts its refresh times by one."""
+    the host-checked one; a step skipped on the device is not counted, so the refreshes come at the same
+    steps). One difference is by design: the host-checked loop never shows a poisoned step to EPI, the loop
+    without host sync hands it over with its skip flag, so only there EPI counts it in ``skipped_steps``."""
     from epi_mini.train import fit
 
     def run_once(method, sync, poisoned_call=None):
@@ -154,3 +155,6 @@ def test_the_loop_without_host_sync_gives_the_record_of_the_loop_with_it():
     a, b = run_once("full", True, poisoned_call=7), run_once("full", False, poisoned_call=7)
     assert a == b and a["bad_steps"] == 1
     assert run_once("epi", True) == run_once("epi", False)
+    a, b = run_once("epi", True, poisoned_call=6), run_once("epi", False, poisoned_call=6)
+    assert (a["strategy"].pop("skipped_steps"), b["strategy"].pop("skipped_steps")) == (0, 1)
+    assert a == b and a["bad_steps"] == 1  # (counted as a step, the poisoned one shifted every later refresh)

@@ -1,11 +1,13 @@
 """EPI inside Hugging Face's Trainer and accelerate (epi_mini.hf, the optional extra 'hf'): exact isolation with
-no optimizer proxy, resume from a Trainer checkpoint, the logs, and the package without transformers.
+no optimizer proxy, fp16 with a fused AdamW, resume from a Trainer checkpoint, the logs, and the package without
+transformers.
 Hermetic: a tiny randomly initialised GPT-2, nothing downloaded. Run: python -m pytest tests/test_hf.py -q"""
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -175,14 +177,17 @@ def test_callback_options_are_checked_when_it_is_built():
         EPICallback("epi")
 
 
-def test_accelerate_prepare_then_attach_masks_through_its_wrapper_and_scaler():
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_accelerate_prepare_then_attach_masks_through_its_wrapper_and_scaler(fused):
     """accelerate makes a GradScaler only for fp16 on a GPU; here the same scaler is handed to it on CPU, so
-    AcceleratedOptimizer.step runs its scaler path: unscale, skip on overflow, step the inner optimizer."""
+    AcceleratedOptimizer.step runs its scaler path: unscale and skip on overflow, then step the inner optimizer;
+    or, for a fused one, step it with the scaled gradients, the scale and the device flag that skips it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1,
+                                                                    fused=fused))
     epi = EvolvingIsolation(model, isolation_ratio=0.3, mask_interval=3, warmup_steps=2)
     epi.attach(optimizer)                                          # the wrapper: attached through optimizer.optimizer
     x = torch.randn(64, 8)
@@ -198,15 +203,46 @@ def test_accelerate_prepare_then_attach_masks_through_its_wrapper_and_scaler():
         optimizer.step()
         optimizer.zero_grad()
         after = list(model.parameters())
-        if i == 10:
-            assert optimizer.step_was_skipped and all(torch.equal(a, b) for a, b in zip(before, after))
+        if i == 10:  # (accelerate cannot tell that a fused optimizer skipped its step on the device)
+            assert optimizer.step_was_skipped != fused and all(torch.equal(a, b) for a, b in zip(before, after))
         else:
             for (n, _), a, b in zip(model.named_parameters(), before, after):
                 assert torch.equal(a[epi.isolated[n]], b.detach()[epi.isolated[n]]), n
         losses.append(loss.item())
-    assert epi.num_steps == 29 and epi.skipped_steps == 0          # the scaler's skip never reached EPI
+    assert epi.num_steps == 29 and epi.skipped_steps == fused      # the scaler's skip: not a step for EPI
     assert max(float(s.max()) for s in epi.scores.values()) < 10.0  # the EMA saw unscaled gradients
     assert epi.isolated_fraction() == pytest.approx(0.3, abs=1e-2) and losses[-1] < 0.5 * losses[0]
+
+
+def test_trainer_fp16_with_its_default_fused_adamw_skips_an_overflow_in_epi_too(tmp_path):
+    """fp16 on a GPU: accelerate's GradScaler and the Trainer's default optimizer, adamw_torch_fused, which the
+    scaler does not skip but hands a device flag that skips its update. Here the scaler is handed to accelerate
+    on the CPU (as above), set up as on a GPU (native_amp: it unscales before clipping), with one overflow."""
+    epi = EPICallback(**EPI_OPTIONS)
+    watch = Watch(epi)
+    trainer = make_trainer(tmp_path, [epi, watch], fp16=True, save_strategy="no")
+    assert trainer.args.optim == "adamw_torch_fused"
+    trainer.accelerator.scaler, trainer.accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), True
+    calls = []
+
+    def overflow_at_the_eighth_forward(module, args, output):
+        calls.append(1)
+        if len(calls) == 8:
+            output["loss"] = output["loss"] * float("inf")
+        return output
+    trainer.model.register_forward_hook(overflow_at_the_eighth_forward)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    # EPI wraps accelerate's optimizer.step, keeping the mark that the learning-rate scheduler left on it
+    assert not [w for w in caught if "overridden after learning rate scheduler" in str(w.message)]
+    steps, isolation = watch.steps, epi.isolation
+    assert len(steps) == 20 and trainer.accelerator.scaler.get_scale() == 2.0 ** 15   # stepped 20 times, 1 overflow
+    assert [s["others_moved"] == 0 for s in steps].count(True) == 1                  # that step moved nothing
+    assert all(s["isolated_moved"] == 0 for s in steps)                             # isolated: bit-identical
+    assert (isolation.num_steps, isolation.skipped_steps) == (19, 1)                 # not one EPI step
+    assert [h["step"] for h in isolation.history] == [6, 11, 16]
+    assert max(float(s.max()) for s in isolation.scores.values()) < 1.0              # unscaled gradients
 
 
 def test_the_package_runs_without_transformers_and_epi_mini_hf_says_how_to_install_it():

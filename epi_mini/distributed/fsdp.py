@@ -149,8 +149,8 @@ class FSDPEvolvingIsolation(EPIUpdate):
         8-bit EMA: see the class), and the rank-independent counters, rho and history."""
         masks = self.isolated
         return {"mask_storage": self.mask_storage, "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
-                "isolation_ratio": self.isolation_ratio, "history": [dict(h) for h in self.history],
-                "scores": self._scores_state(),
+                "isolation_ratio": self.isolation_ratio, "refresh_next": self._refresh_next,
+                "history": [dict(h) for h in self.history], "scores": self._scores_state(),
                 "isolated": {n: self._as_dtensor(n, masks[n].to(torch.uint8)) for n in self.params}}
 
     def load_state_dict(self, state):
@@ -184,4 +184,5 @@ class FSDPEvolvingIsolation(EPIUpdate):
         self._set_isolated({n: m.reshape(-1).nonzero().squeeze(1).to(torch.int32) for n, m in isolated.items()})
         self.num_steps, self.skipped_steps = state["num_steps"], state["skipped_steps"]
         self.isolation_ratio = state.get("isolation_ratio", self.isolation_ratio)
+        self._refresh_next = state.get("refresh_next", False)  # a set_isolation_ratio not yet applied
         self.history = [dict(h) for h in state["history"]]
