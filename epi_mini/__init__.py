@@ -9,8 +9,8 @@ Read the files in the order of the course:
 4. ``drift.py`` (importance drift, measured);
 5. ``baselines.py`` (CPI-FT: static isolation);
 6. ``epi.py`` (the method), ``adaptive.py`` (``mask_interval="auto"``), ``compact.py`` (packed state);
-7. ``methods.py`` (every method by name), ``experiments.py`` (the protocols over seeds), ``course.py``
-   (what the notebooks share);
+7. ``methods.py`` (every method by name, and yours from a file: ``FILE.py:CLASS``), ``experiments.py`` (the
+   protocols over seeds), ``course.py`` (what the notebooks share);
 8. ``cli.py``, ``runner.py``, ``config.py``, ``checkpoint.py``, ``plots.py`` (the command line and its
    runs); ``distributed/`` (several processes); ``hf.py`` (EPI inside Hugging Face's ``Trainer``; needs the
    optional extra ``hf``, and is the only module that imports transformers).

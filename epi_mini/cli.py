@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINT_NAME, CheckpointError, OutputError, save_json
 from .config import PRESETS, OptionParser, TrainConfig, make_config
 from .data import SCHEDULE_NAMES
 from .epi import IMPORTANCE_SCORES, NORMALIZERS
-from .methods import METHODS, method_label
+from .methods import METHODS, is_plugin, method_label, method_slug
 from .metrics import summarize_seeds
 from .runner import (LOCK_NAME, OPTIONS_NAME, SINGLE_PROCESS, check_run_options, holds_run, launcher_command,
                      load_run_options, resume_options, run_options, run_seeds)
@@ -44,7 +44,8 @@ HELP = {
     "grad_clip": "gradient-norm clipping (0 = off)", "lr_warmup_steps": "linear learning-rate warm-up steps",
     "eval_interval": "evaluate every N steps (and at every stage end)",
     "eval_size": "held-out examples per task (0 = all)",
-    "method": "; ".join(f"{name}: {m.help}" for name, m in METHODS.items()),
+    "method": "; ".join(f"{name}: {m.help}" for name, m in METHODS.items()) + "; or FILE.py:CLASS, your own "
+              "(README: Your own method)",
     "isolation_ratio": "rho: fraction of parameters isolated (EPI) or per-task core size (static), in [0, 1)",
     "mask_interval": "K: steps between EPI mask refreshes (integer >= 1), 'once' (refresh once after warm-up, "
                      "never again) or 'auto' (refresh when the isolated set has drifted)",
@@ -95,6 +96,14 @@ def _mask_interval(text):
     return text if text in ("once", "auto") else int(text)
 
 
+class MethodNames(tuple):
+    """The built-in method names, as ``--method``'s choices (listed by --help, and the closest one suggested for
+    a typo), which also admit a method of your own, ``FILE.py:CLASS`` (checked when the config is built)."""
+
+    def __contains__(self, value):
+        return is_plugin(value) or tuple.__contains__(self, value)
+
+
 def _boolean(text):
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
@@ -135,7 +144,9 @@ def build_parser():
                 "isolation_schedule": float}.get(f.name, f.type)
         kind = {"int": int, "float": float, "str": str, "bool": _boolean}.get(kind, kind) if isinstance(kind, str) else kind
         extra = {"nargs": "+"} if f.name in ("tasks", "task_files", "isolation_schedule") else {}
-        choices = {"method": tuple(METHODS), "schedule": SCHEDULE_NAMES, "normalizer": NORMALIZERS,
+        if f.name == "method":
+            extra["metavar"] = "{" + ",".join([*METHODS, "FILE.py:CLASS"]) + "}"
+        choices = {"method": MethodNames(METHODS), "schedule": SCHEDULE_NAMES, "normalizer": NORMALIZERS,
                    "importance": tuple(IMPORTANCE_SCORES), "tokenizer": ("bytes", "gpt2"),
                    "cpift_stages": ("grouping", "schedule"), "ema_storage": ("fp32", "bf16", "int8"),
                    "mask_storage": ("index", "gaps", "bits")}.get(f.name)
@@ -253,7 +264,7 @@ def resolve_options(args, warn=None, launcher=None):
     options = run_options(args.preset or DEFAULT_PRESET, args.seeds or list(DEFAULT_SEEDS), overrides,
                           args.checkpoint_every or 0, launcher)
     first = configs_of(options)[0]
-    return options, Path(args.resume or args.out or f"runs/{first.method}-{first.schedule}")
+    return options, Path(args.resume or args.out or f"runs/{method_slug(first.method)}-{first.schedule}")
 
 
 def configs_of(options):

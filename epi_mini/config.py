@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .data import SCHEDULE_NAMES
 from .epi import check_options
-from .methods import METHODS
+from .methods import find_method
 from .model import GPTConfig
 
 
@@ -47,8 +47,8 @@ class TrainConfig:
     # evaluation
     eval_interval: int = 125         # also evaluated at the end of every stage
     eval_size: int = 0               # examples per task from the held-out sets; 0 = all of them
-    # method (see METHOD_HELP) and its knobs
-    method: str = "full"
+    # method (see methods.py) and its knobs
+    method: str = "full"             # a name in methods.METHODS, or your own: "path/to/file.py:ClassName"
     isolation_ratio: float = 0.1
     mask_interval: object = 20       # int >= 1, "once" or "auto"
     ema_beta: float = 0.99
@@ -110,7 +110,7 @@ class TrainConfig:
             "a list of numbers in [0, 1), one per stage")
         in_range("grad_clip", 0, float("inf"))
         check("schedule", self.schedule in SCHEDULE_NAMES, f"one of {SCHEDULE_NAMES}")
-        check("method", self.method in METHODS, f"one of {tuple(METHODS)}")
+        find_method(self.method)  # a built-in name, or FILE.py:CLASS: loads the file (each error names it)
         check("device", self.device in ("auto", "cpu", "cuda", "mps") or str(self.device).startswith("cuda:"),
               "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         check("importance", isinstance(self.importance, str), "the name of an importance score")

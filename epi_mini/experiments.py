@@ -20,6 +20,14 @@ overrides), the comparisons it makes, and the summary, table and figures it writ
 | `pareto`    | at equal frozen fraction, whose retention-plasticity front is higher, CPI-FT's or EPI's? |
 | `multitask` | the paper's main-table setting: all tasks mixed in one stage (interference)            |
 | `drift`     | does importance drift without a change of data? (no runs of its own: EPI's drift records) |
+
+Your own method (``--method path/to/file.py:ClassName``, see :mod:`epi_mini.methods`) joins every protocol
+named as one more cell: the protocol's EPI cell (:attr:`Protocol.epi_cell`) with its method replaced, and the
+summary gains the paired comparison "<label> vs <that cell>" (exploratory). Such a run writes to
+``runs/experiments-<ClassName>/`` unless ``--out`` says otherwise, and reads the records that ``results/``
+already holds instead of training them again; the run key of a plugin run carries the sha256 of its file.
+
+    python -m epi_mini.experiments main --method examples/my_epi.py:StickyEPI
 """
 import argparse
 import hashlib
@@ -36,8 +44,9 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import atomic_write_bytes, save_json
-from .config import OptionParser, make_config
+from .config import OptionParser, TrainConfig, make_config
 from .drift import DriftRecorder
+from .methods import EPIUpdate, is_plugin, load_plugin, method_label, method_slug
 from .metrics import (average_normalized_score, describe_difference, holm, over_seeds, paired_difference, record_metric,
                       seeds_for_half_width)
 from .pretrain import init_sha256
@@ -145,13 +154,16 @@ def scratch_cells():
 # --- running ---------------------------------------------------------------------------------------------------
 def run_key(cfg):
     """``<method>-<schedule>-seed<N>-<hash>``: the hash covers the whole config (but the device) and the weights
-    the run starts from, so a rebuilt base never reuses a record trained from the old one."""
+    the run starts from, so a rebuilt base never reuses a record trained from the old one; for a method of your
+    own (``<method>`` is then its class name), the sha256 of its file too, so an edited file is a new run."""
     d = cfg.to_dict()
     d.pop("device")
     if cfg.init != "scratch":
         d["init_sha256"] = init_sha256(cfg.init, cfg.preset)
+    if is_plugin(cfg.method):
+        d["plugin_sha256"] = load_plugin(cfg.method).sha256
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.method}-{cfg.schedule}-seed{cfg.seed}-{digest}"
+    return f"{method_slug(cfg.method)}-{cfg.schedule}-seed{cfg.seed}-{digest}"
 
 
 def _pool(workers):
@@ -161,12 +173,14 @@ def _pool(workers):
 
 
 def _train(cfg, threads, drift=True):
-    """Train one config; EPI-family runs also record how their importance drifts."""
+    """Train one config; EPI-family runs (a method of your own that subclasses EPIUpdate too) also record how
+    their importance drifts. In a worker process, a plugin method is loaded from its file here."""
     use_threads(threads)
     run = Run(cfg)
-    epi_family = cfg.method in ("epi", "static-epi", "random-mask")
+    strategy = run.make_strategy()
+    epi_family = isinstance(strategy, EPIUpdate)
     recorder = DriftRecorder(every=max(10, cfg.steps_per_stage // 10)) if drift and epi_family else None
-    record = fit(run, progress=False, on_step=recorder)
+    record = fit(run, strategy, progress=False, on_step=recorder)
     if recorder is not None:
         record["drift"] = recorder.summary(run.schedule.boundaries)
     return record
@@ -219,14 +233,50 @@ def _configs(cells, preset, seeds, overrides, records_path):
     return out
 
 
-def run_protocols(protocols, preset="cpu", seeds=None, workers=None, out=RESULTS, overrides=None, log=print):
+def default_out(method=None):
+    """Where the protocols write: ``results/``, or, with a method of your own, ``runs/experiments-<ClassName>/``,
+    so that a plugin run never writes into the committed results unless told to (``out="results"``)."""
+    return RESULTS if method is None else Path("runs") / f"experiments-{method_slug(method)}"
+
+
+def cells_with(proto, method=None):
+    """The protocol's cells, and, for ``method`` (``FILE.py:CLASS``), one more: the protocol's EPI cell with its
+    method replaced, labelled by the method's label."""
+    cells = proto.cells()
+    if method is None:
+        return cells
+    label, labels = method_label(method), {c.label for c in cells}
+    if proto.epi_cell not in labels:
+        raise ValueError(f"protocol {proto.name} has no cell {proto.epi_cell!r} for {method} to stand in for")
+    if label in labels:
+        raise ValueError(f"the label {label!r} of {method} is already a cell of protocol {proto.name}: give the "
+                         "class another `label` attribute")
+    epi = next(c for c in cells if c.label == proto.epi_cell)
+    return [*cells, Cell(label, {**epi.overrides, "method": method}, epi.matched_to)]
+
+
+def run_protocols(protocols, preset="cpu", seeds=None, workers=None, out=None, overrides=None, log=print,
+                  method=None, reuse=None):
     """Train every missing run of ``protocols``, then write each protocol's summary. Returns the summaries.
     ``seeds``: for every protocol (default: each protocol's own, :attr:`Protocol.seeds`). Runs are trained
     lowest seed first, so that a grid cut off holds whole seeds; a matched cell is trained as soon as its source
-    run (same seed) has finished."""
-    out, overrides = Path(out), overrides or {}
-    record_path = lambda cfg: out / "runs" / f"{run_key(cfg)}.json"  # noqa: E731
-    cells = {p: protocol(p).cells() for p in protocols}
+    run (same seed) has finished.
+
+    ``method``: a method of your own, ``FILE.py:CLASS``, added to each protocol as one cell (:func:`cells_with`)
+    and compared, paired, with the protocol's EPI cell. ``out``: default :func:`default_out`. ``reuse``: another
+    results folder (e.g. ``results``) whose ``runs/`` records are read, never written, instead of training a run
+    again."""
+    if method is not None and not is_plugin(method):
+        raise ValueError(f"invalid method={method!r}: the protocols take a method of your own, FILE.py:CLASS (the "
+                         "built-in methods are cells already)")
+    plugin = load_plugin(method) if method is not None else None
+    out, overrides = Path(out) if out is not None else default_out(method), overrides or {}
+    shared = Path(reuse) / "runs" if reuse is not None and Path(reuse).resolve() != out.resolve() else None
+
+    def record_path(cfg):
+        path = out / "runs" / f"{run_key(cfg)}.json"
+        return shared / path.name if shared and not path.exists() and (shared / path.name).exists() else path
+    cells = {p: cells_with(protocol(p), method) for p in protocols}
     seeds_of = {p: tuple(seeds or protocol(p).seeds) for p in protocols}
     plan = lambda: {p: _configs(cells[p], preset, seeds_of[p], overrides, record_path) for p in protocols}  # noqa: E731
     workers, threads = workers or default_workers(), CPU_THREADS
@@ -241,6 +291,10 @@ def run_protocols(protocols, preset="cpu", seeds=None, workers=None, out=RESULTS
                         pending[record_path(cfg)] = cfg
         return dict(sorted(pending.items(), key=lambda item: item[1].seed))
     pending = todo()
+    if plugin is not None:
+        log(f"your method: {plugin.label} ({plugin.spec}, sha256 {plugin.sha256[:12]}), one more cell in each "
+            f"protocol, compared with its EPI cell; writing to {out}/"
+            + (f", reading finished runs from {shared}/" if shared else ""))
     log(f"{len(pending)} runs to train now (runs shared between protocols, or already done, are trained once), "
         f"{workers} worker(s) x {threads} thread(s)")
     with _pool(workers) as pool:
@@ -261,6 +315,10 @@ def run_protocols(protocols, preset="cpu", seeds=None, workers=None, out=RESULTS
         records = {label: [json.loads(record_path(c).read_text()) for c in cfgs] for label, cfgs in configs[p].items()}
         summaries[p] = {**proto.summarize(records), "preset": preset, "seeds": list(seeds_of[p]),
                         "runs": {label: [run_key(c) for c in cfgs] for label, cfgs in configs[p].items()}}
+        if plugin is not None:  # your method against the protocol's EPI, paired by seed (exploratory)
+            summaries[p]["comparisons"] = {**summaries[p].get("comparisons", {}),
+                                           **compare(records, [(plugin.label, proto.epi_cell)])}
+            summaries[p]["plugin"] = {**plugin.to_dict(), "compared_with": proto.epi_cell}
         save_json(out / p / "summary.json", summaries[p])
         atomic_write_bytes(out / p / "summary.md", proto.markdown(summaries[p]).encode())
         proto.figures(summaries[p], records, out / p)
@@ -460,6 +518,8 @@ def summarize_multitask(records):
 def summarize_drift(records):
     out = {}
     for label, recs in records.items():
+        if not all("drift" in r for r in recs):  # a method of your own that keeps no EPI importance: no drift
+            continue
         d = [r["drift"] for r in recs]
         entry = {"chance": over_seeds([x["chance"] for x in d]),
                  "overlap_consecutive": over_seeds([x["overlap_consecutive"] for x in d]),
@@ -498,8 +558,9 @@ TABLE_FIGURES = (("forgetting", "forgetting"), ("plasticity", "plasticity"), ("e
 
 def _comparisons_md(s, title="Paired differences, exploratory (a - b, same seeds; mean [95% t-interval], "
                                "no correction for multiple comparisons)"):
-    names = [n for n in next(iter(s["comparisons"].values()), {}) if n not in ("retention", "average_score")]
-    rows = [[pair, *(describe_difference(d[n]) for n in names)] for pair, d in s["comparisons"].items()]
+    comparisons = s.get("comparisons", {})  # the drift protocol has none, unless a method of your own joins it
+    names = [n for n in next(iter(comparisons.values()), {}) if n not in ("retention", "average_score")]
+    rows = [[pair, *(describe_difference(d[n]) for n in names)] for pair, d in comparisons.items()]
     return f"\n## {title}\n\n" + markdown_table(["a vs b", *names], rows) if rows else ""
 
 
@@ -565,7 +626,8 @@ def markdown_scratch(s):
 
 def markdown_pareto(s):
     return (_header("pareto", s, "Retention against plasticity as the frozen budget grows: CPI-FT's core ratio and "
-                    "EPI's rho (exploratory). At equal frozen fraction, whose front is higher?") + _methods_md(s))
+                    "EPI's rho (exploratory). At equal frozen fraction, whose front is higher?") + _methods_md(s)
+            + _comparisons_md(s))
 
 
 def markdown_multitask(s):
@@ -582,7 +644,8 @@ def markdown_multitask(s):
                     "final / full SFT's mean final score, per task, averaged. CPI-FT's groups become its stages.")
             + markdown_table(["method", *tasks, "avg normalised", "base LM-loss rise", "CPI-FT's groups (seed 0)"], rows)
             + "\n## Against full SFT, seed by seed\n\n"
-            + markdown_table(["method - full SFT", *tasks, "avg normalised", "base LM-loss rise"], diffs))
+            + markdown_table(["method - full SFT", *tasks, "avg normalised", "base LM-loss rise"], diffs)
+            + _comparisons_md(s))
 
 
 def markdown_drift(s):
@@ -592,7 +655,7 @@ def markdown_drift(s):
             "importance sets (snapshots every 50 steps after warm-up), and the Spearman correlation of the scores, "
             "first vs last; chance = the overlap of two random sets of that size.\n\n"
             + markdown_table(["run", "overlap, 50 steps apart", "overlap, first vs last", "rank corr., first vs last",
-                              "chance"], rows))
+                              "chance"], rows) + _comparisons_md(s))
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
@@ -668,6 +731,7 @@ class Protocol:
     markdown: Callable
     figures: Callable = field(default=lambda s, records, folder: None)
     seeds: tuple = SEEDS          # the seeds `python -m epi_mini.experiments` runs it with unless told otherwise
+    epi_cell: str = "EPI"         # the cell a method of your own stands in for, and is compared with (--method)
 
 
 PROTOCOLS = {p.name: p for p in (
@@ -678,13 +742,13 @@ PROTOCOLS = {p.name: p for p in (
     Protocol("controls", "EPI's mechanism variants, among them protecting the base", controls_cells, summarize_controls,
              markdown_controls, fig_controls),
     Protocol("pareto", "whose front is higher at equal frozen fraction", pareto_cells, summarize_pareto,
-             markdown_pareto, fig_pareto),
+             markdown_pareto, fig_pareto, epi_cell=f"EPI rho {TrainConfig.isolation_ratio:g}"),
     Protocol("multitask", "EPI against full SFT when all tasks are mixed in one stage", multitask_cells,
              summarize_multitask, markdown_multitask, fig_multitask),
     Protocol("drift", "whether importance drifts without a change of data", drift_cells, summarize_drift,
-             markdown_drift, fig_drift),
+             markdown_drift, fig_drift, epi_cell="EPI, shifting schedule"),
     Protocol("scratch", "the control: the same methods from random weights", scratch_cells, summarize_scratch,
-             markdown_scratch, fig_scratch),
+             markdown_scratch, fig_scratch, epi_cell="EPI, from scratch"),
 )}
 
 
@@ -704,7 +768,11 @@ def main(argv=None):
                          f"the others {SEEDS[0]}-{SEEDS[-1]})")
     ap.add_argument("--workers", type=int, default=None,
                     help="runs side by side, one torch thread each (default: one per core)")
-    ap.add_argument("--out", default=str(RESULTS), help="results folder (default: results)")
+    ap.add_argument("--out", default=None, help="results folder (default: results; with --method, "
+                                                "runs/experiments-<ClassName>)")
+    ap.add_argument("--method", default=None, metavar="FILE.py:CLASS",
+                    help="your own method: one more cell in every protocol named, compared with its EPI cell "
+                         "(README: Your own method)")
     args = ap.parse_args(argv)
     protocols = list(PROTOCOLS) if args.protocols == ["all"] else args.protocols
     try:
@@ -714,11 +782,13 @@ def main(argv=None):
             print("note: fewer than 5 seeds; the project states a direction only over >= 5 paired seeds",
                   file=sys.stderr)
         t0 = time.perf_counter()
-        run_protocols(protocols, args.preset, args.seeds and tuple(args.seeds), args.workers, Path(args.out))
+        out = Path(args.out) if args.out else default_out(args.method)
+        run_protocols(protocols, args.preset, args.seeds and tuple(args.seeds), args.workers, out,
+                      method=args.method, reuse=RESULTS if args.method else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done in {time.perf_counter() - t0:.0f}s; summaries under {args.out}/<protocol>/summary.md")
+    print(f"done in {time.perf_counter() - t0:.0f}s; summaries under {out}/<protocol>/summary.md")
     return 0
 
 

@@ -17,8 +17,19 @@ frozen fraction stage by stage) and, for ``epi``, ``replay_importance`` (:class:
 To add a method, write its strategy (an :class:`~epi_mini.strategy.UpdateStrategy`) and add a
 :class:`Method` to :data:`METHODS` (with a ``label``, the name in words that titles and printouts use);
 the command line, the config checks and the runner pick it up.
+
+Or, without editing the package, name it by its file: ``method="path/to/file.py:ClassName"`` (a *plugin*,
+:func:`load_plugin`; ``python -m epi_mini --method ...``, ``python -m epi_mini.experiments main --method ...``).
+The class is an :class:`~epi_mini.strategy.UpdateStrategy`, built from the run by :func:`build_plugin`:
+``ClassName.from_run(run)`` if the class defines it, else, for a subclass of :class:`EPIUpdate`, exactly as
+``epi`` is built with the class in place of :class:`EPIUpdate` (:func:`build_epi`: every EPI option of the
+config), else ``ClassName()``. Its label is its ``label`` class attribute, or the class name.
 """
+import hashlib
+import importlib.util
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -265,11 +276,127 @@ METHODS = {
 }
 
 
+# --- your own method, from a file: "path/to/file.py:ClassName" -------------------------------------------------
+def is_plugin(name):
+    """Does ``name`` name a method of your own, ``FILE.py:CLASS``, rather than a built-in one?"""
+    return isinstance(name, str) and ":" in name
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A method loaded from a file (see :func:`load_plugin`)."""
+    spec: str                      # as given: "examples/my_epi.py:StickyEPI"
+    file: str                      # the file as given
+    resolved: str                  # its absolute path (a relative one is taken from the current directory)
+    name: str                      # the class's name
+    sha256: str                    # of the file's bytes: records and run keys carry it, so an edit is a new method
+    cls: type
+
+    @property
+    def label(self):
+        label = getattr(self.cls, "label", None)
+        return label if isinstance(label, str) and label else self.name
+
+    def to_dict(self):
+        """What a run record keeps of the plugin (under ``"plugin"``)."""
+        return {"spec": self.spec, "file": self.file, "resolved": self.resolved, "class": self.name,
+                "label": self.label, "sha256": self.sha256}
+
+
+_MODULES = {}  # (resolved path, sha256) -> the module: each version of a file is run once per process
+
+
+def load_plugin(spec):
+    """The :class:`Plugin` named by ``spec``, ``FILE.py:CLASS``, its file run with ``importlib`` under a unique
+    module name. Raises ``ValueError``, one line naming the file and the class, when the file is missing or not
+    a ``.py`` file, fails to import, defines no such class, or the class is not an UpdateStrategy."""
+    file, _, name = spec.rpartition(":")
+    bad = f"invalid method={spec!r}:"
+    if not file or not name.isidentifier():
+        raise ValueError(f"{bad} a method of your own is FILE.py:CLASS, e.g. examples/my_epi.py:StickyEPI")
+    path = Path(file).expanduser().resolve()
+    if path.suffix != ".py":
+        raise ValueError(f"{bad} {file} is not a .py file (a method of your own is FILE.py:CLASS)")
+    if not path.is_file():
+        raise ValueError(f"{bad} no such file {file} (looked for {path}), for class {name}")
+    source = path.read_bytes()
+    sha = hashlib.sha256(source).hexdigest()
+    if (str(path), sha) not in _MODULES:
+        # Unique per path and content: two files, or two versions of one file, never share a module.
+        unique = hashlib.sha256(f"{path}\n{sha}".encode()).hexdigest()[:12]
+        module_name = f"epi_mini_plugin_{path.stem.replace('-', '_')}_{unique}"
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(module_name, path))
+        sys.modules[module_name] = module  # what a dataclass or pickle in the file looks itself up by
+        try:
+            exec(compile(source, str(path), "exec"), module.__dict__)  # the very bytes that were hashed
+        except Exception as e:
+            del sys.modules[module_name]
+            raise ValueError(f"{bad} importing {file} failed ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}), so class {name} could not be loaded") from e
+        _MODULES[str(path), sha] = module
+    module = _MODULES[str(path), sha]
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        defined = sorted(k for k, v in vars(module).items() if isinstance(v, type) and v.__module__ == module.__name__)
+        raise ValueError(f"{bad} {file} defines no class {name} (classes defined there: "
+                         f"{', '.join(defined) or 'none'})")
+    if not issubclass(cls, UpdateStrategy):
+        raise ValueError(f"{bad} class {name} in {file} is not an UpdateStrategy: subclass "
+                         "epi_mini.methods.EPIUpdate (or epi_mini.strategy.UpdateStrategy)")
+    return Plugin(spec, file, str(path), name, sha, cls)
+
+
+def build_plugin(run, plugin):
+    """The plugin's strategy for ``run``: ``cls.from_run(run)`` if the class defines it; else, for an
+    :class:`EPIUpdate` subclass, what ``epi`` builds with the class in its place (:func:`build_epi`); else
+    ``cls()``. A failure is one ``ValueError`` line naming the file and the class."""
+    cls, where = plugin.cls, f"method {plugin.spec!r}: building class {plugin.name} from {plugin.file}"
+    try:
+        if hasattr(cls, "from_run"):
+            update = cls.from_run(run)
+        elif issubclass(cls, EPIUpdate):
+            update = build_epi(run, mixin=cls)
+        else:
+            update = cls()
+    except Exception as e:
+        raise ValueError(f"{where} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
+    if not isinstance(update, UpdateStrategy):
+        raise ValueError(f"{where} gave a {type(update).__name__}, not an UpdateStrategy")
+    return update
+
+
+def find_method(name):
+    """The :class:`Method` that ``name`` names: a built-in one, or a plugin ``FILE.py:CLASS`` (loaded now)."""
+    if is_plugin(name):
+        plugin = load_plugin(name)
+        return Method(plugin.label, f"your own method, class {plugin.name} of {plugin.file}",
+                      lambda run: build_plugin(run, plugin))
+    if name not in METHODS:
+        raise ValueError(f"invalid method={name!r}: must be one of {tuple(METHODS)} or FILE.py:CLASS (your own)")
+    return METHODS[name]
+
+
 def method_label(name):
-    """The method in words (``"full"`` -> ``"full SFT"``); an unknown name is returned as it is."""
+    """The method in words (``"full"`` -> ``"full SFT"``, a plugin: its label); an unknown name, or a plugin
+    whose file can no longer be loaded, is returned as it is (a plugin: its class name)."""
+    if is_plugin(name):
+        try:
+            return load_plugin(name).label
+        except ValueError:
+            return name.rpartition(":")[2]
     return METHODS[name].label if name in METHODS else name
+
+
+def method_slug(name):
+    """The method as a piece of a file name: a built-in name as it is, a plugin's class name."""
+    return name.rpartition(":")[2] if is_plugin(name) else name
+
+
+def plugin_record(name):
+    """What a run record keeps of a plugin method (:meth:`Plugin.to_dict`); None for a built-in one."""
+    return load_plugin(name).to_dict() if is_plugin(name) else None
 
 
 def build_strategy(run):
     """The update strategy for ``run.cfg.method``."""
-    return METHODS[run.cfg.method].build(run)
+    return find_method(run.cfg.method).build(run)

@@ -38,9 +38,9 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint, new_file_mode, output_error, save_json
 from .config import make_config
-from .methods import method_label
+from .methods import method_label, plugin_record
 from .metrics import forgetting_per_task
-from .train import Run, TrainingInterrupted, fit
+from .train import Run, TrainingInterrupted, check_same_plugin, fit
 
 OPTIONS_NAME = "options.json"
 LOCK_NAME = ".lock"
@@ -307,9 +307,10 @@ def run_seeds(configs, out, make_run=Run, resume=False, checkpoint_every=0, prog
     unless ``allow_world_size_change``. Without ``resume``, a folder that holds another run's files is refused,
     or, with ``overwrite``, those files are removed before the first seed trains. Once the first seed's run is
     built, the main process takes the folder's lock (:class:`OutputLock`, released at the end) and writes
-    ``options`` (see :func:`run_options`) to ``options.json``, so a run refused for bad input leaves no folder
-    behind. ``annotate(record, run)`` may add fields to a record before it is written; ``log(line)``
-    receives one line per seed. Ctrl-C raises :class:`RunInterrupted`.
+    ``options`` (see :func:`run_options`) to ``options.json``, so a run refused for bad input (a method that
+    cannot be built too: the strategy is built first) leaves no folder behind. ``annotate(record, run)`` may add
+    fields to a record before it is written; ``log(line)`` receives one line per seed. Ctrl-C raises
+    :class:`RunInterrupted`.
     """
     out = Path(out)
     n = len(configs)
@@ -327,6 +328,7 @@ def run_seeds(configs, out, make_run=Run, resume=False, checkpoint_every=0, prog
             if diffs:
                 raise CheckpointError(f"{path} was written with a different config (fields {diffs}); "
                                       "resume with the same options or use another --out")
+            check_same_plugin(record, {"plugin": plugin_record(cfg.method)}, path)
             finished[cfg.seed] = record
         elif resume:
             state = load_checkpoint(ckpt, cfg)  # refuses a mismatched, broken or damaged checkpoint
@@ -358,13 +360,14 @@ def run_seeds(configs, out, make_run=Run, resume=False, checkpoint_every=0, prog
                 continue
             t0 = time.perf_counter()
             run = make_run(cfg)
+            strategy = run.make_strategy()  # before the first write: a method that cannot be built leaves no folder
             if not begun:
                 run.on_main(begin)
                 begun = True
             if resume and not starts.get(cfg.seed) and run.is_main:
                 say(f"seed {cfg.seed} ({k}/{n}): no checkpoint in {ckpt}, training from step 0")
             label = f"{method_label(cfg.method)} | seed {cfg.seed} ({k}/{n})"
-            record = fit(run, progress=progress, checkpoint_dir=ckpt if checkpoint_every or resume else None,
+            record = fit(run, strategy, progress=progress, checkpoint_dir=ckpt if checkpoint_every or resume else None,
                          checkpoint_every=checkpoint_every, resume=bool(resume), progress_label=label)
             if annotate is not None:
                 annotate(record, run)

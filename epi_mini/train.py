@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, sa
 from .config import TrainConfig
 from .data import MixtureStream, make_schedule
 from .evaluate import evaluate, load_eval_sets
-from .methods import METHODS, build_strategy, method_label
+from .methods import build_strategy, find_method, method_label, plugin_record
 from .metrics import accuracy_matrix, summarize
 from .model import GPT, GPTConfig
 from .pretrain import HELDOUT_FILE, LM_SAMPLE_FILE, lm_loss, load_base, preset_base, read_windows
@@ -99,7 +99,7 @@ class Run:
             if unknown:
                 raise ValueError(f"invalid tasks: unknown task(s) {unknown}; known: {sorted(self.tasks)}")
         self.schedule = make_schedule(cfg.schedule, cfg.steps_per_stage, task_names, cfg.replay)
-        if not METHODS[cfg.method].replay:
+        if not find_method(cfg.method).replay:
             self.schedule = self.schedule.without_replay()
         self.task_names = self.schedule.tasks
         self.eval_sets = load_eval_sets({t: self.tasks[t] for t in self.task_names}, cfg.eval_size)
@@ -202,6 +202,7 @@ def lr_at(cfg, step):
 
 
 def new_record(run: Run) -> dict:
+    plugin = plugin_record(run.cfg.method)  # a method of your own: its file, class and the file's sha256
     return {
         "config": run.cfg.to_dict(), "schedule": run.schedule.to_dict(), "tasks": run.task_names,
         "first_stage": [run.schedule.first_stage()[t] for t in run.task_names],
@@ -214,7 +215,18 @@ def new_record(run: Run) -> dict:
         "stage_lm_loss": [],
         # Isolated share of the weights, summed over each stage's steps (the record keeps the mean per stage).
         "frozen_step_sum": [0.0] * len(run.schedule.stages),
+        **({"plugin": plugin} if plugin else {}),
     }
+
+
+def check_same_plugin(saved, record, where):
+    """Raise :class:`CheckpointError` when a method of your own (a plugin) has changed since ``saved`` (a record
+    from ``where``) was written: the file's sha256 differs from ``record``'s, the one this run would train with."""
+    before, now = saved.get("plugin"), record.get("plugin")
+    if before and now and before["sha256"] != now["sha256"]:
+        raise CheckpointError(f"{where} was trained with another version of {now['file']} (sha256 "
+                              f"{before['sha256'][:12]}..., now {now['sha256'][:12]}...): restore that file, or "
+                              "start a new run with another --out")
 
 
 def train(cfg: TrainConfig, **kwargs) -> dict:
@@ -294,6 +306,7 @@ def fit(run: Run, strategy=None, progress=True, checkpoint_dir=None, checkpoint_
     if resume and checkpoint_dir is not None:
         state = run.read_checkpoint(checkpoint_dir, strategy)
         if state is not None:
+            check_same_plugin(state["record"], record, checkpoint_dir)
             record, start, bad_in_a_row = state["record"], state["step"], state["bad_in_a_row"]
             running = state["running_losses"]
             torch.set_rng_state(state["torch_rng"])

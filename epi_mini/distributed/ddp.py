@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ..methods import EPIUpdate, build_epi
+from ..methods import EPIUpdate, build_epi, is_plugin
 from ..train import Run, pick_device
 from .checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, save_sharded_weights
 from .comm import _all_gather_object, _all_reduce, assert_same_on_all_ranks, on_rank0
@@ -48,6 +48,9 @@ def check_distributed_options(cfg, fsdp=False, check_sync=False):
     if fsdp and cfg.base_importance:
         raise ValueError("--base-importance true is not supported with --fsdp: the base's Fisher is scored on the "
                          "whole model before training; run it under DDP (without --fsdp) or with python -m epi_mini")
+    if is_plugin(cfg.method) and (fsdp or check_sync):
+        raise ValueError(f"a method of your own ({cfg.method}) runs under torchrun with DDP only: --fsdp needs EPI "
+                         "written for the local shards, --check-sync EPI's own state; leave them out")
     if fsdp:
         check_fsdp_options(cfg.method, cfg.mask_interval, cfg.normalizer, check_sync)
 
