@@ -68,7 +68,7 @@ class EPIUpdate(EvolvingIsolation, UpdateStrategy):
         super().refresh()
         entry, current = self.history[-1], self.isolated_indices()
         for kind, anchor in self._anchors.items():
-            inter, union = overlap_counts(anchor["set"], current)
+            inter, union = self._reduce_counts(*overlap_counts(anchor["set"], current))  # all ranks' shards
             entry[f"jaccard_{kind}"] = [entry["step"] - anchor["step"], inter / union if union else 1.0]
         if ("within" not in self._anchors and self.stage_steps
                 and self.num_steps - self._stage_start >= self.stage_steps[self._stage] // 4):

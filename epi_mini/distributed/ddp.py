@@ -179,6 +179,12 @@ class DistributedRun(Run):
             reshard(self.model)  # the root keeps its weights gathered after a forward without backward
         return scores
 
+    def lm_loss(self):
+        loss = super().lm_loss()  # the base's held-out loss: forwards without backward, as in evaluate
+        if self.fsdp:
+            reshard(self.model)
+        return loss
+
     # Under FSDP2 every rank writes and reads its own shards (epi_mini.distributed.checkpoint). Either way the
     # checkpoint keeps every rank's random number generator (a rank with a smaller slice of the batch draws
     # fewer dropout masks), and the world sizes the seed has trained with.

@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from ..isolation import indices_to_masks
 from ..methods import EPIUpdate
 from .comm import _all_reduce
 from .selection import sharded_top_fraction
@@ -148,10 +149,20 @@ class FSDPEvolvingIsolation(EPIUpdate):
         """The EMA and the isolated set (one uint8 per entry) as ``DTensor``s sharded like their parameters (the
         8-bit EMA: see the class), and the rank-independent counters, rho and history."""
         masks = self.isolated
-        return {"mask_storage": self.mask_storage, "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
-                "isolation_ratio": self.isolation_ratio, "refresh_next": self._refresh_next,
-                "history": [dict(h) for h in self.history], "scores": self._scores_state(),
-                "isolated": {n: self._as_dtensor(n, masks[n].to(torch.uint8)) for n in self.params}}
+        state = {"mask_storage": self.mask_storage, "num_steps": self.num_steps, "skipped_steps": self.skipped_steps,
+                 "isolation_ratio": self.isolation_ratio, "refresh_next": self._refresh_next,
+                 "history": [dict(h) for h in self.history], "scores": self._scores_state(),
+                 "isolated": {n: self._as_dtensor(n, masks[n].to(torch.uint8)) for n in self.params}}
+        if hasattr(self, "_anchors"):  # the loop's EPIUpdate: the sets its refreshes are compared with, as masks
+            # Both kinds always, an absent one as an empty mask with step None: a sharded checkpoint's tensors must
+            # be the ones a fresh run's template has (epi_mini.distributed.checkpoint).
+            shards = {n: self._tensor(n) for n in self.params}
+            state["anchors"] = {k: {"step": self._anchors[k]["step"] if k in self._anchors else None, "isolated": {
+                n: self._as_dtensor(n, m.to(torch.uint8)) for n, m in indices_to_masks(
+                    self._anchors[k]["set"] if k in self._anchors else {}, shards).items()}}
+                for k in ("boundary", "within")}
+            state["stage"], state["stage_start"] = self._stage, self._stage_start
+        return state
 
     def load_state_dict(self, state):
         local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
@@ -186,3 +197,8 @@ class FSDPEvolvingIsolation(EPIUpdate):
         self.isolation_ratio = state.get("isolation_ratio", self.isolation_ratio)
         self._refresh_next = state.get("refresh_next", False)  # a set_isolation_ratio not yet applied
         self.history = [dict(h) for h in state["history"]]
+        if hasattr(self, "_anchors"):
+            self._anchors = {k: {"step": a["step"], "set": {n: local(m).reshape(-1).nonzero().squeeze(1).to(torch.int32)
+                                                           for n, m in a["isolated"].items()}}
+                             for k, a in state.get("anchors", {}).items() if a["step"] is not None}
+            self._stage, self._stage_start = state.get("stage", 0), state.get("stage_start", 0)
