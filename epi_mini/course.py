@@ -1,6 +1,6 @@
 """What the notebooks share, so that a notebook cell reads as the idea it teaches.
 
-* :func:`lesson` -- the settings of the short two-task stream that notebooks 03 to 07 train on (A = ``chat``,
+* :func:`lesson` -- the settings of the short two-task stream that notebooks 04 to 08 train on (A = ``chat``,
   then B = ``code`` with 20% replay of A), for a preset, with a notebook's own changes on top: the data and
   training settings (:func:`lesson_data`, what every method uses) plus the isolation settings
   (:data:`LESSON_ISOLATION`, what only the isolation methods read);
@@ -22,7 +22,7 @@ from .experiments import run_key, run_many
 from .train import CPU_THREADS
 from .metrics import over_seeds, record_metric
 
-# The two-task stream of notebooks 03-07 on the `cpu` preset, and what the `gpu` preset trains instead: the
+# The two-task stream of notebooks 04-08 on the `cpu` preset, and what the `gpu` preset trains instead: the
 # data and training settings every method uses ...
 LESSON_DATA = {
     "cpu": dict(schedule="two_task", tasks=("chat", "code"), batch_size=32, steps_per_stage=250, eval_interval=50),

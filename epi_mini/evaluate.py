@@ -60,6 +60,18 @@ def load_eval_sets(tasks, size=0, folder=EVAL_DIR):
     return out
 
 
+def best_constant_score(task, examples):
+    """The score of the one answer (among the set's reference answers) that does best on the whole set: the floor a
+    model reaches without reading the prompt."""
+    return max(sum(task.score(answer, e) for e in examples) for answer in {e.response for e in examples}) / len(examples)
+
+
+def constant_answer_floors(folder=EVAL_DIR):
+    """Built-in task -> its committed evaluation set's floor (:func:`best_constant_score`), as data/README.md lists."""
+    return {name: best_constant_score(task, load_jsonl(Path(folder) / f"{name}.jsonl"))
+            for name, task in BUILTIN_TASKS.items()}
+
+
 @torch.no_grad()
 def greedy_responses(model, tokenizer, prompts, max_new_tokens=32):
     """Greedy continuations of ``prompts`` (up to the end token), batched by prompt length."""

@@ -10,7 +10,7 @@ import torch
 
 from epi_mini.config import make_config
 from epi_mini.data import MixtureStream, Stage, collate, encode_example, make_schedule
-from epi_mini.evaluate import EVAL_DIR, load_eval_sets, make_eval_set
+from epi_mini.evaluate import EVAL_DIR, best_constant_score, load_eval_sets, make_eval_set
 from epi_mini.tasks import BUILTIN_TASKS, DataFormatError, Example, load_jsonl, tasks_from_jsonl
 from epi_mini.tokenizer import byte_tokenizer
 
@@ -108,11 +108,6 @@ def test_committed_eval_sets_match_the_generators():
         committed = load_jsonl(EVAL_DIR / f"{name}.jsonl")
         assert committed == make_eval_set(task), f"data/eval/{name}.jsonl is stale: python -m epi_mini.evaluate"
         assert len({e.prompt for e in committed}) == len(committed)
-
-
-def best_constant_score(task, examples):
-    """The score of the one answer (among the set's reference answers) that does best on the whole set."""
-    return max(sum(task.score(answer, e) for e in examples) for answer in {e.response for e in examples}) / len(examples)
 
 
 def test_data_readme_quotes_the_floor_of_each_committed_set():
