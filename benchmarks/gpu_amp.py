@@ -21,12 +21,12 @@ and a device flag, ``found_inf``, and the fused kernel unscales and skips. Every
    :class:`~epi_mini.hf.EPICallback`, one forced overflow: at every optimizer step the isolated entries are
    bit-identical; EPI's steps are the Trainer's minus the skipped ones; the importance is unscaled.
 """
-import argparse
 import sys
 import tempfile
 
 import torch
 
+from epi_mini.config import OptionParser
 from epi_mini.epi import EvolvingIsolation
 
 STEPS, OVERFLOW_AT = 60, 25
@@ -148,7 +148,7 @@ def check_trainer(device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OptionParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     device = ap.parse_args().device
     if device == "cuda" and not torch.cuda.is_available():

@@ -62,8 +62,8 @@ def measure(threads, steps, busy):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
+    from epi_mini.config import OptionParser  # here, not above: the busy processes re-import this file, light
+    ap = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="measured steps per setting (default 40)")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
