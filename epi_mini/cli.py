@@ -99,10 +99,12 @@ DEFAULT_PRESET = "cpu"
 # same order.
 DEMO_METHODS = ("full", "static", "epi")
 DEMO_METHOD_OPTIONS = {"static": {"cpift_stages": "schedule"}}
-# One seed, because the demo must end within 5 minutes on 2 cores: one run of the cpu preset takes 100-120 s on one
-# thread and CPI-FT's probes add a third, so two seeds (6 runs, >= 660 core-seconds) take over 5 minutes even side by
-# side, while one seed takes about 4. The settings are the committed results' own (results/main), so the demo's
-# figures can be read against them.
+# One seed, because the demo must end within 5 minutes on 2 cores: one run of the cpu preset takes 100-140 s on one
+# thread and CPI-FT's probes add a third, so two seeds (6 runs, over 600 core-seconds) take over 5 minutes even side
+# by side. One seed's three runs take 2 workers about 4.5 minutes: measured on 2 cores shared with other jobs, the
+# worker that trained full SFT and then EPI used 279 s of CPU, the one that trained CPI-FT 179 s (wall time then:
+# 660 s). The settings are the committed results' own (results/main), so the demo's figures can be read against
+# them; the demo changes none of them (evaluating less often would save about 6 s a run).
 DEMO_SEEDS = (0,)
 DEMO_SEEDS_WHY = ("one seed, so that the demo ends within 5 minutes on 2 cores (two seeds of three methods take over "
                   "5); --seeds 0 1 2 3 4 trains five paired seeds")
