@@ -114,6 +114,8 @@ FLOOR_MARGIN = 0.02
 
 def _default_text(f):
     """The help's default: the cpu preset's value, or what an empty default means."""
+    if f.name == "method":  # left out, python -m epi_mini runs the demo
+        return f"default: the demo, {', '.join(DEMO_METHODS)} side by side; under torchrun: {f.default}"
     value = PRESETS[DEFAULT_PRESET].get(f.name, f.default)
     if value in ((), "", None):
         return EMPTY_DEFAULT.get(f.name, "default: none")
@@ -133,8 +135,8 @@ def _boolean(text):
 def build_parser():
     p = OptionParser(
         prog="python -m epi_mini",
-        description="Train a tiny GPT with SFT on a multi-task schedule and report forgetting. "
-                    "Options left out take the preset's value.")
+        description="Train a tiny GPT with SFT on a multi-task schedule and report forgetting. Without --method: "
+                    "the demo, full SFT, CPI-FT and EPI side by side. Options left out take the preset's value.")
     # preset, seeds and checkpoint interval default to None so that --resume can tell what was repeated.
     p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="model and schedule size: tiny (tests), cpu (default), gpu")
