@@ -12,12 +12,11 @@ Why it matters: torch's intra-op threads meet at a barrier after every operation
 one of the cores, a thread that is not scheduled holds up the others, and a step that takes 100 ms alone can
 take ten times longer. What this prints is what :func:`epi_mini.train.default_threads` was chosen from.
 """
+import argparse
 import multiprocessing as mp
 import os
 import statistics
 import time
-
-from epi_mini.config import OptionParser
 
 
 def _busy(stop):
@@ -63,7 +62,8 @@ def measure(threads, steps, busy):
 
 
 def main(argv=None):
-    ap = OptionParser(description=__doc__)
+    from epi_mini.config import OptionParser  # here, not above: the busy processes re-import this file, light
+    ap = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="measured steps per setting (default 40)")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1

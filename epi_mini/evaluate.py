@@ -9,6 +9,7 @@ The evaluation sets live in ``data/eval/<task>.jsonl``; they are generated once 
 :func:`write_eval_sets` (``python -m epi_mini.evaluate``) and committed, so every run, notebook and result
 is measured on the same examples.
 """
+import functools
 import random
 import sys
 import zlib
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import collate, encode_example
-from .tasks import BUILTIN_TASKS, FileTask, load_jsonl, save_jsonl
+from .tasks import BUILTIN_TASKS, FileTask, load_jsonl, save_jsonl, tasks_from_jsonl
 
 EVAL_DIR = Path(__file__).resolve().parent.parent / "data" / "eval"
 EVAL_SIZES = {}  # task -> its set's size, where it is not the default (chat had 64 until its one stage's noise
@@ -60,16 +61,22 @@ def load_eval_sets(tasks, size=0, folder=EVAL_DIR):
     return out
 
 
-def best_constant_score(task, examples):
-    """The score of the one answer (among the set's reference answers) that does best on the whole set: the floor a
-    model reaches without reading the prompt."""
-    return max(sum(task.score(answer, e) for e in examples) for answer in {e.response for e in examples}) / len(examples)
+def constant_answer_floor(task, examples) -> float:
+    """The floor of a held-out set: the score of the one answer, among the set's reference answers, that does
+    best on the whole set -- what a model reaches without reading the prompt (for logic, about chance)."""
+    answers = {e.response for e in examples}
+    return max(sum(task.score(answer, e) for e in examples) for answer in answers) / len(examples)
 
 
-def constant_answer_floors(folder=EVAL_DIR):
-    """Built-in task -> its committed evaluation set's floor (:func:`best_constant_score`), as data/README.md lists."""
-    return {name: best_constant_score(task, load_jsonl(Path(folder) / f"{name}.jsonl"))
-            for name, task in BUILTIN_TASKS.items()}
+@functools.lru_cache(maxsize=None)
+def eval_floors(task_names, eval_size=0, task_files=()) -> dict:
+    """task -> :func:`constant_answer_floor` of the held-out set a run with these settings is scored on (its first
+    ``eval_size`` examples; 0 = all); ``task_files``: the run's JSONL task files. Arguments are tuples (cached)."""
+    tasks = dict(BUILTIN_TASKS)
+    for path in task_files:
+        tasks.update(tasks_from_jsonl(path))
+    sets = load_eval_sets({t: tasks[t] for t in task_names}, eval_size)
+    return {t: constant_answer_floor(tasks[t], examples) for t, examples in sets.items()}
 
 
 @torch.no_grad()

@@ -257,3 +257,20 @@ def boundary_curves(methods, title="The mask at a stage boundary", ax=None):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return ax
+
+
+def method_comparison(runs, title="Methods side by side"):
+    """Methods side by side (label -> records, the same seeds), in one figure of three panels: earlier tasks' mean
+    score during training (what forgetting eats into), the base's held-out LM loss during training (what SFT
+    overwrites of the base), and the retention-plasticity plane (each seed a small dot; up and right is better).
+    Each method keeps its colour in every panel."""
+    from .metrics import over_seeds, record_metric
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.8))
+    earlier_task_curves(runs, title="Earlier tasks' mean held-out score during training", ax=axes[0])
+    lm_loss_curves(runs, title="The base's held-out LM loss during SFT", ax=axes[1])
+    points = {label: {name: over_seeds([record_metric(r, name) for r in recs]) for name in ("retention", "plasticity")}
+              for label, recs in runs.items()}
+    retention_plasticity(points, runs, title="Retention vs plasticity" + (" (small dots: seeds)" if any(
+        len(recs) > 1 for recs in runs.values()) else ""), ax=axes[2])
+    fig.suptitle(title)
+    return fig

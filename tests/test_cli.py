@@ -76,14 +76,17 @@ def _normalised(text, out):
 @pytest.mark.parametrize("seeds", [["0"], ["0", "1"]], ids=["one seed", "two seeds"])
 def test_cli_prints_seed_lines_the_table_of_its_records_every_file_and_a_next_step(tmp_path, capsys, seeds):
     out = tmp_path / "run"
-    assert main([*TINY, "--seeds", *seeds, "--out", str(out), "--checkpoint-every", "50"]) == 0
+    assert main([*TINY, "--method", "full", "--seeds", *seeds, "--out", str(out), "--checkpoint-every", "50"]) == 0
     printed = _normalised(capsys.readouterr().out, out)
     records = [json.loads((out / f"seed{s}.json").read_text()) for s in seeds]
     lines = printed.splitlines()
-    for k, r in enumerate(records, 1):   # one line per finished seed, before the table
-        assert lines[k - 1] == (f"seed {r['config']['seed']} ({k}/{len(seeds)}) done in <t> s: average score "
-                                f"{r['metrics']['average_score']:.3f}, forgetting {r['metrics']['forgetting']:.3f} "
-                                "over 4 earlier tasks")
+    assert lines[0].endswith("| cpu, 1 torch thread (--threads)" if len(seeds) == 1 else
+                             "| cpu, 2 runs side by side (--workers), 1 torch thread each (--threads)"), lines[0]
+    # one line per finished seed, before the table; seeds side by side finish in either order
+    assert sorted(lines[1:1 + len(seeds)]) == [
+        f"seed {r['config']['seed']} ({k}/{len(seeds)}) done in <t> s: average score "
+        f"{r['metrics']['average_score']:.3f}, forgetting {r['metrics']['forgetting']:.3f} over 4 earlier tasks"
+        for k, r in enumerate(records, 1)]
     assert table(records) in printed
     assert ("±" in printed) == (len(seeds) > 1)
     listing = printed.split("(every file now in it):\n")[1].split("\n\n")[0].splitlines()

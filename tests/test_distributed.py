@@ -664,7 +664,8 @@ def test_entry_point_without_torchrun_says_how_to_launch(monkeypatch, capsys):
     assert main(["--preset", "tiny", "--seeds", "0"]) == 2
     assert "torchrun" in capsys.readouterr().err
     for options, message in ((["--fsdp", "--check-sync"], "--check-sync is not supported with --fsdp"),
-                             (["--shard", "--method", "static"], "'static' (CPI-FT) is not supported with --fsdp")):
+                             (["--shard", "--method", "static"], "'static' (CPI-FT) is not supported with --fsdp"),
+                             (["--workers", "2"], "--workers is for python -m epi_mini")):
         assert main(["--preset", "tiny", *options]) == 2  # refused before any launch
         assert message in capsys.readouterr().err
 

@@ -36,7 +36,7 @@ def test_a_record_says_how_many_threads_it_ran_with(keep_threads):
 
 
 def test_the_command_line_prints_its_threads_and_refuses_zero(tmp_path, capsys, keep_threads):
-    assert cli.main(["--preset", "tiny", "--seeds", "0", "--steps-per-stage", "5", "--no-progress",
+    assert cli.main(["--preset", "tiny", "--method", "full", "--seeds", "0", "--steps-per-stage", "5", "--no-progress",
                      "--out", str(tmp_path / "run")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.endswith("| cpu, 1 torch thread (--threads)"), first

@@ -87,7 +87,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run():
 
 def test_cli_runs_writes_outputs_and_rejects_bad_values(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["--preset", "tiny", "--seeds", "0", "1", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--preset", "tiny", "--method", "full", "--seeds", "0", "1", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "forgetting" in printed and "± " in printed
     for name in ("seed0.json", "seed1.json", "summary.json", "accuracy_matrix.png", "curves.png"):

@@ -60,6 +60,9 @@ def main(argv=None):
     since, launcher = time.time(), launcher_options(args)
     rank = int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else 0  # torchrun's, before any group
     try:
+        if args.workers is not None:  # the parser is python -m epi_mini's; here torchrun starts the processes
+            raise ValueError("--workers is for python -m epi_mini (runs side by side, one process each); under torchrun "
+                             "the processes are --nproc_per_node's, and they train one run at a time")
         options, out = resolve_options(args, launcher=launcher)
         configs = configs_of(options)
         check_distributed_options(configs[0], args.fsdp, args.check_sync)
