@@ -473,16 +473,17 @@ def _listed(names):
 
 def moved_before_training(record):
     """How far a method moved the base's held-out LM loss before its first SFT step (CPI-FT's fusion merges its
-    probes into the base): the loss its record starts from minus the base's own; 0 when it starts from the base as
-    it is, None when the record does not say (no base, or no LM loss)."""
-    base, start = (record.get("base") or {}).get("heldout_loss"), record_metric(record, "lm_loss_start")
-    return None if base is None or start != start else start - base  # start != start: NaN, nothing measured
+    probes into the base): the loss once it was set up minus the base's own; 0 when it starts from the base as it
+    is, None when the record does not say (no base, or no LM loss)."""
+    base, setup = record_metric(record, "lm_loss_start"), record_metric(record, "lm_loss_setup")
+    return None if not record.get("base") or setup != setup else setup - base  # setup != setup: NaN
 
 
 def print_side_by_side(runs, file=None):
     """The demo's table: ``runs`` (method -> records, the same seeds) in columns; rows: each task's final score
     (marked ``*`` at the task's floor), forgetting, plasticity, earlier tasks' final score and the base's held-out
-    LM loss at the start, after SFT and its rise (marked ``†`` for a method that moved it before its first step).
+    LM loss at the start, after SFT and its rise (marked ``†`` for a method that moved it before its first step:
+    the rise counts that move too, from the base's own loss).
     One seed: single values; several: mean ± sample std."""
     import math
     file = file or sys.stdout
@@ -507,7 +508,7 @@ def print_side_by_side(runs, file=None):
     moved = {m: [moved_before_training(r) for r in recs] for m, recs in runs.items()}
     moved = {m: v for m, v in moved.items() if any(x is not None and abs(x) > 0.01 for x in v)}
     for name, label in SIDE_BY_SIDE:
-        dagger = name in ("lm_loss_start", "lm_loss_rise")
+        dagger = name == "lm_loss_rise"
         rows.append((label, [(cell([record_metric(r, name) for r in recs]), "†" * (dagger and m in moved))
                              for m, recs in runs.items()]))
     labels = [short_label(m) for m in runs]
@@ -525,13 +526,11 @@ def print_side_by_side(runs, file=None):
     if marked:
         print(floor_footnote(marked), file=file)
     for m, recs in runs.items():
-        if m in moved:  # its record's first LM loss is taken as its loop starts, after the change
-            base = mean_and_spread([r["base"]["heldout_loss"] for r in recs])[0]
-            rise = cell([record_metric(r, "lm_loss_final") - r["base"]["heldout_loss"] for r in recs])
+        if m in moved:  # the rise is from the base's own loss: the change before the first step counts
+            setup = cell([record_metric(r, "lm_loss_setup") for r in recs])
             print(f"† {short_label(m)} changed the base's weights before its first step"
                   + (" (its probes merged in, --cpift-fusion)" if m == "static" else "")
-                  + f": its loss at the start is measured after that; from the base's own {base:.3f}, its rise is "
-                  f"{rise}", file=file)
+                  + f": that alone took the base's loss to {setup}; its rise counts it", file=file)
     for line in SIDE_BY_SIDE_LEGEND:
         print(line, file=file)
 

@@ -96,24 +96,45 @@ def earlier_final(R, first_stage) -> float:
     return float(np.mean(R[-1, cols])) if cols else float("nan")
 
 
-def lm_loss_rise(lm) -> float:
-    """Final minus starting held-out LM loss of a record's ``lm_loss`` curve (NaN where none was measured)."""
-    losses = [x for x in (lm or {}).get("loss", []) if x is not None]
-    return float(losses[-1] - losses[0]) if len(losses) > 1 else float("nan")
+def _lm_losses(record):
+    lm = record.get("lm_loss") or {}
+    return lm, [x for x in lm.get("loss", []) if x is not None]
 
 
-def base_gain_kept(lm) -> float:
-    """Share of the starting model's gain over a uniform guess left at the end (NaN for a start with no gain
-    worth the name, 0.05 nats/byte: random weights)."""
-    losses = [x for x in (lm or {}).get("loss", []) if x is not None]
-    if len(losses) < 2 or lm["uniform"] - losses[0] < 0.05:
+def lm_loss_start(record) -> float:
+    """The held-out LM loss of the weights a run was given, before its method touched them: the base's own (its
+    provenance's figure, measured on the same committed windows), or, from random weights, a uniform guess's
+    ``ln V``. Not the curve's first point, which is measured once the method is set up: CPI-FT merges its probes
+    into the base before its first step, and measured from there its rise would hide what the merge overwrote."""
+    lm, losses = _lm_losses(record)
+    if not losses:
         return float("nan")
-    return float((lm["uniform"] - losses[-1]) / (lm["uniform"] - losses[0]))
+    base = record.get("base")
+    if base:
+        return float(base["heldout_loss"]) if base.get("heldout_loss") is not None else float(losses[0])
+    return float(lm["uniform"])
 
 
-LM_FIGURES = {"lm_loss_rise": lm_loss_rise, "base_gain_kept": base_gain_kept,
-              "lm_loss_start": lambda lm: float(lm["loss"][0]) if lm and lm.get("loss") else float("nan"),
-              "lm_loss_final": lambda lm: float(lm["loss"][-1]) if lm and lm.get("loss") else float("nan")}
+def lm_loss_rise(record) -> float:
+    """Final held-out LM loss minus :func:`lm_loss_start` (NaN where none was measured)."""
+    _, losses = _lm_losses(record)
+    return float(losses[-1] - lm_loss_start(record)) if losses else float("nan")
+
+
+def base_gain_kept(record) -> float:
+    """Share of the starting weights' gain over a uniform guess left at the end (NaN for a start with no gain
+    worth the name, under 0.05 nats/byte: random weights)."""
+    lm, losses = _lm_losses(record)
+    start = lm_loss_start(record)
+    if not losses or lm["uniform"] - start < 0.05:
+        return float("nan")
+    return float((lm["uniform"] - losses[-1]) / (lm["uniform"] - start))
+
+
+LM_FIGURES = {"lm_loss_rise": lm_loss_rise, "base_gain_kept": base_gain_kept, "lm_loss_start": lm_loss_start,
+              "lm_loss_final": lambda r: float(_lm_losses(r)[1][-1]) if _lm_losses(r)[1] else float("nan"),
+              # the loss once the method is set up, before the first step (differs from the start for CPI-FT)
+              "lm_loss_setup": lambda r: float(_lm_losses(r)[1][0]) if _lm_losses(r)[1] else float("nan")}
 
 
 def plasticity_by_stage(R, first_stage) -> list:
@@ -128,10 +149,10 @@ def record_metric(record, name) -> float:
     """One figure of a run record by name: ``average_score``, ``forgetting``, ``backward_transfer``,
     ``plasticity``, ``retention`` or ``earlier_final`` (from its accuracy matrix), ``frozen_fraction`` (the
     mean isolated share of the weights over all training steps), or, from its held-out LM-loss curve,
-    ``lm_loss_rise``, ``base_gain_kept``, ``lm_loss_start`` and ``lm_loss_final``; ``plasticity_stage<k>`` is
+    ``lm_loss_rise``, ``base_gain_kept``, ``lm_loss_start``, ``lm_loss_setup`` and ``lm_loss_final``; ``plasticity_stage<k>`` is
     the plasticity of stage k alone (1-based; a stage that introduces no task has none)."""
     if name in LM_FIGURES:
-        return LM_FIGURES[name](record.get("lm_loss"))
+        return LM_FIGURES[name](record)
     if name.startswith("plasticity_stage"):
         stages = sorted(set(record["first_stage"]))
         k = int(name[len("plasticity_stage"):]) - 1

@@ -61,12 +61,18 @@ def test_lm_loss_is_the_mean_next_byte_cross_entropy():
 def test_the_base_lm_figures_by_hand():
     u = math.log(258)
     curve = {"uniform": u, "step": [0, 100, 200], "loss": [1.5, 2.0, 3.5]}
-    assert lm_loss_rise(curve) == pytest.approx(2.0)
-    assert base_gain_kept(curve) == pytest.approx((u - 3.5) / (u - 1.5))
-    worse_than_guessing = {**curve, "loss": [1.5, 9.0]}
-    assert base_gain_kept(worse_than_guessing) < 0
-    assert math.isnan(base_gain_kept({**curve, "loss": [u - 0.01, 4.0]}))  # random weights: no gain to keep
-    assert record_metric({"lm_loss": curve}, "lm_loss_rise") == pytest.approx(2.0)
+    record = {"lm_loss": curve, "base": {"heldout_loss": 1.5}}
+    assert lm_loss_rise(record) == pytest.approx(2.0)
+    assert base_gain_kept(record) == pytest.approx((u - 3.5) / (u - 1.5))
+    assert base_gain_kept({**record, "lm_loss": {**curve, "loss": [1.5, 9.0]}}) < 0   # worse than guessing
+    # A method that changes the weights before its first step (CPI-FT's fusion) is measured from the base's own
+    # loss, not from where its set-up left it: the merge's damage counts.
+    fused = {"lm_loss": {**curve, "loss": [12.3, 10.0]}, "base": {"heldout_loss": 1.5}}
+    assert lm_loss_rise(fused) == pytest.approx(8.5) and record_metric(fused, "lm_loss_setup") == 12.3
+    # From random weights there is no base: the start is a uniform guess, and there is no gain to keep.
+    scratch = {"lm_loss": {**curve, "loss": [u - 0.01, 4.0]}, "base": None}
+    assert lm_loss_rise(scratch) == pytest.approx(4.0 - u) and math.isnan(base_gain_kept(scratch))
+    assert record_metric(record, "lm_loss_rise") == pytest.approx(2.0)
     assert math.isnan(record_metric({}, "lm_loss_rise"))
 
 

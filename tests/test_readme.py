@@ -86,9 +86,9 @@ def test_every_protocol_has_at_least_five_paired_seeds():
 def test_the_calibration_keeps_every_family_off_floor_and_ceiling_on_the_base():
     # data/README.md: full SFT from the base on the main schedule, each family's mean final score well above its
     # constant-answer floor and at most 0.95
-    from epi_mini.evaluate import constant_answer_floors
+    from epi_mini.evaluate import eval_floors
     finals = SUMMARIES["main"]["methods"]["full SFT"]["final_scores"]
-    floors = constant_answer_floors()
+    floors = eval_floors(tuple(finals))
     assert all(floors[t] + 0.1 <= f["mean"] <= 0.95 for t, f in finals.items()), (finals, floors)
 
 
