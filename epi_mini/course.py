@@ -53,13 +53,22 @@ def lesson(preset="cpu", **changes):
     return {**LESSON_DATA[preset], **LESSON_ISOLATION[preset], **changes}
 
 
+# The modules a training run executes (run_many -> experiments._train -> Run, fit and the methods): a record
+# depends on their source and on nothing else of the package (not on the report, the plots or the command line).
+TRAINING_MODULES = ("model", "tokenizer", "tasks", "data", "evaluate", "metrics", "compact", "inputs", "isolation",
+                    "epi", "adaptive", "drift", "strategy", "baselines", "methods", "config", "checkpoint",
+                    "pretrain", "train", "experiments")
+
+
 def lesson_cache(threads):
     """Where run_grid keeps its records: a folder of the temp directory named by a hash of everything a record
-    depends on -- epi_mini's source, the evaluation sets, torch's version and the threads per run -- so that a
-    change to any of them starts an empty folder and nothing stale is ever read back."""
+    depends on -- the training modules' source (:data:`TRAINING_MODULES`), the evaluation sets, the base models
+    and their held-out text, torch's version and the threads per run -- so that a change to any of them starts an
+    empty folder and nothing stale is ever read back."""
     h = hashlib.sha256(f"{torch.__version__} threads={threads}".encode())
     package = Path(__file__).resolve().parent
-    for f in sorted([*package.rglob("*.py"), *Path(EVAL_DIR).glob("*.jsonl")]):
+    data = [*Path(EVAL_DIR).glob("*.jsonl"), *(Path(EVAL_DIR).parent / "base").glob("*")]
+    for f in [*(package / f"{m}.py" for m in TRAINING_MODULES), *sorted(data)]:
         h.update(f.name.encode() + f.read_bytes())
     return Path(tempfile.gettempdir()) / "epi-mini-lessons" / h.hexdigest()[:16]
 

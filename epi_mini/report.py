@@ -151,40 +151,53 @@ def drift_sentences(summaries):
     return out
 
 
+EXPLORED = ("forgetting", "earlier_final", "plasticity", "lm_loss_rise")
+
+
+def comparison_sentence(summaries, protocol, pair, figures=EXPLORED):
+    """``"- **a vs b** (exploratory): a forgets less than b (...); ..."`` for one of a protocol's comparisons."""
+    return f"- **{pair}** (exploratory): " + exploratory(summaries, protocol, pair, figures) + "."
+
+
 def findings(summaries):
-    """Every result sentence, in order, generated from the summaries (absent protocols are left out)."""
-    out = []
+    """Every result sentence, generated from the summaries: key -> sentence (a Markdown bullet), in reading
+    order. The README shows the headline ones (:data:`HEADLINES`); notebooks 09 and 10 show them by key.
+    Protocols without a summary are left out."""
+    out = {}
     if "main" in summaries:
         main = summaries["main"]
-        out += primary_sentences(main)
-        out.append(half_width_sentence(main))
-        out.append("- CPI-FT against full SFT (exploratory): "
-                   + exploratory(summaries, "main", "CPI-FT vs full SFT", ("forgetting", "plasticity", "lm_loss_rise"))
-                   + ".")
+        for comparison, sentence in zip(main["primary"]["comparisons"], primary_sentences(main)):
+            out[f"primary: {comparison}"] = sentence
+        out["half-width"] = half_width_sentence(main)
+        out["CPI-FT vs full SFT"] = comparison_sentence(summaries, "main", "CPI-FT vs full SFT")
         stages = [n for n in main["comparisons"]["EPI vs full SFT"] if n.startswith("plasticity_stage")]
-        out.append("- Plasticity stage by stage (exploratory): "
-                   + exploratory(summaries, "main", "EPI vs full SFT", stages) + ".")
+        out["plasticity by stage"] = ("- **Plasticity stage by stage** (exploratory): "
+                                      + exploratory(summaries, "main", "EPI vs full SFT", stages) + ".")
         sentence = boundary_sentence(main)
         if sentence:
-            out.append(sentence)
-    if "baselines" in summaries:
-        out.append("- CPI-FT's probes cost 500 extra steps; given them too (exploratory): "
-                   + exploratory(summaries, "baselines", "EPI, compute-matched vs CPI-FT", ("forgetting", "plasticity"))
-                   + "; " + exploratory(summaries, "baselines", "full SFT, compute-matched vs CPI-FT",
-                                        ("forgetting", "plasticity")) + ".")
-    if "controls" in summaries:
-        out.append("- Protecting the base (exploratory): "
-                   + exploratory(summaries, "controls", "EPI, base-aware importance vs EPI",
-                                 ("lm_loss_rise", "earlier_final", "plasticity")) + ".")
-    if "multitask" in summaries:
-        vs_full = summaries["multitask"].get("normalized_vs_full", {})
-        out.append("- All tasks mixed in one stage, average normalised score against full SFT (exploratory): "
-                   + "; ".join(relation(label, "full SFT", "average_score", d) for label, d in vs_full.items()) + ".")
-    if "scratch" in summaries:
-        out.append("- From random weights instead of the base (the control, exploratory): "
-                   + exploratory(summaries, "scratch", "EPI, from scratch vs full SFT, from scratch",
-                                 ("forgetting", "plasticity")) + ".")
-    return [line for line in out if line]
+            out["boundary"] = sentence
+    for protocol in ("baselines", "controls", "scratch"):
+        for pair in summaries.get(protocol, {}).get("comparisons", {}):
+            out[f"{protocol}: {pair}"] = comparison_sentence(summaries, protocol, pair)
+    vs_full = summaries.get("multitask", {}).get("normalized_vs_full")
+    if vs_full:  # absent where full SFT learned nothing to normalise by (a tiny test run)
+        out["multitask"] = ("- **All tasks mixed in one stage**, average normalised score against full SFT "
+                            "(exploratory): " + "; ".join(relation(label, "full SFT", "average_score", d)
+                                                          for label, d in vs_full.items()) + ".")
+    return out
+
+
+# The README's list: the primary family, then the exploratory findings a reader asks about first.
+HEADLINES = ("primary: EPI vs full SFT", "primary: EPI vs CPI-FT", "primary: EPI vs static EPI score",
+             "primary: EPI vs random mask", "half-width", "CPI-FT vs full SFT", "plasticity by stage", "boundary",
+             "baselines: EPI, compute-matched vs CPI-FT", "baselines: full SFT, compute-matched vs CPI-FT",
+             "controls: EPI, base-aware importance vs EPI", "multitask", "scratch: EPI, from scratch vs full SFT, "
+             "from scratch")
+
+
+def headline_findings(summaries):
+    found = findings(summaries)
+    return [found[key] for key in HEADLINES if key in found]
 
 
 # --- tables ----------------------------------------------------------------------------------------------------
@@ -218,7 +231,7 @@ def results_markdown(summaries):
              "**What the records say.** Each sentence below is generated from the summaries: its direction word is "
              "chosen by the data, and a comparison whose interval includes 0 (for the primary family, whose "
              "Holm-adjusted p is not below 0.05) is written as not separated, with its interval.\n",
-             "\n".join(findings(summaries)) + "\n",
+             "\n".join(headline_findings(summaries)) + "\n",
              f"**The primary family** (`results/main/`, {seeds(main)}; declared in `epi_mini/experiments.py`):\n",
              methods_table(main), primary_table(main)]
     for protocol, title in (("baselines", "Reference points"), ("controls", "EPI's mechanism variants"),
