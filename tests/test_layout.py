@@ -16,7 +16,7 @@ LAYERS = [
     "strategy", "baselines", "methods",                                   # update strategies, by name
     "config", "checkpoint", "pretrain", "plots", "train", "runner",       # the base, the training loop, its runs
     "hf",                                                                 # EPI in Hugging Face's Trainer (optional)
-    "experiments", "report", "course", "cli",                             # protocols, their report, notebooks, CLI
+    "experiments", "report", "course", "exercises", "cli",                # protocols, their report, notebooks, CLI
     "distributed.comm", "distributed.selection", "distributed.fsdp", "distributed.checkpoint", "distributed.ddp",
     "distributed.launch",
     "__init__", "__main__", "distributed.__init__", "distributed.__main__",
