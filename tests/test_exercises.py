@@ -94,6 +94,9 @@ def problems(name, lesson, solution):
             out.append(f"{where}: its check cell calls {calls(e['code'][checks[0]])}, not its own check")
         out += [f"{where}: a cell without # NBVAL_SKIP on its first line: {text(c)[:60]!r}"
                 for c in e["code"] if not skipped(c)]
+        # ... and the skip-execution tag, so `jupyter nbconvert --execute` (re-running the lesson) skips it too
+        out += [f"{where}: a cell without the skip-execution tag: {text(c)[:60]!r}"
+                for c in e["code"] if "skip-execution" not in c.get("metadata", {}).get("tags", [])]
     if solution is None:
         return out + [f"{name}: no solution notebook solutions/{name}.ipynb"]
     theirs = exercises_in(solution)
