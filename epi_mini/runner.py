@@ -588,7 +588,10 @@ def train_side_by_side(jobs, begin, workers, threads, resume=False, checkpoint_e
     here, with the worker's traceback as its cause.
     """
     say, starts = say or (lambda line: None), starts or {}
-    estimate = Run(jobs[0].cfg).schedule.total_steps  # builds a run here: its checks come before anything is written
+    first = Run(jobs[0].cfg)  # built here, with its method: input no run can be built from is refused before any write
+    first.make_strategy()
+    estimate = first.schedule.total_steps
+    del first
     begin()
     by_key = {_key(job): job for job in jobs}
     state = {job: {"step": starts.get(job, 0), "total": estimate, "stage": None} for job in jobs}
