@@ -9,6 +9,7 @@
 * :func:`over_seeds_table` -- label -> figure -> mean, spread and per-seed values, from those records.
 """
 import hashlib
+import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from .checkpoint import save_json
 from .config import make_config
 from .evaluate import EVAL_DIR
+from . import experiments
 from .experiments import run_key, run_many
 from .train import CPU_THREADS
 from .metrics import over_seeds, record_metric
@@ -55,22 +57,39 @@ def lesson(preset="cpu", **changes):
 
 # The modules a training run executes (run_many -> experiments._train -> Run, fit and the methods): a record
 # depends on their source and on nothing else of the package (not on the report, the plots or the command line).
+# Of experiments.py only the functions that train count (its protocols and summaries do not touch a record).
 TRAINING_MODULES = ("model", "tokenizer", "tasks", "data", "evaluate", "metrics", "compact", "inputs", "isolation",
                     "epi", "adaptive", "drift", "strategy", "baselines", "methods", "config", "checkpoint",
-                    "pretrain", "train", "experiments")
+                    "pretrain", "train")
+TRAINING_FUNCTIONS = ("run_key", "_pool", "_train", "run_many")   # of epi_mini.experiments
+
+# The lesson records are committed (notebooks/lesson_runs/<hash>/, about 1 MB), so that the test command reads
+# back the runs the notebooks train instead of training ~100 of them again (half an hour on 2 cores). The folder
+# is named by a hash of everything a record depends on; tests/test_lessons.py fails when the committed folder is
+# not the current hash (change the training code, re-run notebooks 04-08 and 11: they write the new folder).
+LESSON_RUNS = Path(__file__).resolve().parent.parent / "notebooks" / "lesson_runs"
 
 
-def lesson_cache(threads):
-    """Where run_grid keeps its records: a folder of the temp directory named by a hash of everything a record
-    depends on -- the training modules' source (:data:`TRAINING_MODULES`), the evaluation sets, the base models
-    and their held-out text, torch's version and the threads per run -- so that a change to any of them starts an
-    empty folder and nothing stale is ever read back."""
+def lesson_hash(threads):
+    """A hash of everything a lesson record depends on: the training modules' source (:data:`TRAINING_MODULES`,
+    :data:`TRAINING_FUNCTIONS`), the evaluation sets, the base models and their held-out text, torch's version and
+    the threads per run."""
     h = hashlib.sha256(f"{torch.__version__} threads={threads}".encode())
     package = Path(__file__).resolve().parent
     data = [*Path(EVAL_DIR).glob("*.jsonl"), *(Path(EVAL_DIR).parent / "base").glob("*")]
     for f in [*(package / f"{m}.py" for m in TRAINING_MODULES), *sorted(data)]:
-        h.update(f.name.encode() + f.read_bytes())
-    return Path(tempfile.gettempdir()) / "epi-mini-lessons" / h.hexdigest()[:16]
+        h.update(f.name.encode() + f.read_bytes().replace(b"\r\n", b"\n"))
+    for name in TRAINING_FUNCTIONS:
+        h.update(name.encode() + inspect.getsource(getattr(experiments, name)).encode())
+    return h.hexdigest()[:16]
+
+
+def lesson_cache(threads):
+    """Where run_grid keeps its records: ``notebooks/lesson_runs/<hash>/`` (:func:`lesson_hash`), so that a change to
+    anything a record depends on starts an empty folder and nothing stale is ever read back; a temp folder where
+    the package does not sit in a checkout with its notebooks."""
+    root = LESSON_RUNS if LESSON_RUNS.parent.is_dir() else Path(tempfile.gettempdir()) / "epi-mini-lessons"
+    return root / lesson_hash(threads)
 
 
 def run_grid(cells, seeds=SEEDS, preset="cpu", workers=None):

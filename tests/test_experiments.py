@@ -86,7 +86,7 @@ def test_unknown_protocol_is_refused(capsys):
 
 def test_run_grid_reads_back_a_run_an_earlier_notebook_trained(tmp_path, monkeypatch):
     from epi_mini import course
-    monkeypatch.setattr(course.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(course, "LESSON_RUNS", tmp_path / "lesson_runs")  # not the committed folder
     cells = {"full": dict(method="full", steps_per_stage=5, eval_interval=5)}
     first = course.run_grid(cells, seeds=(0, 1), preset="tiny")
     assert len(list(tmp_path.rglob("*.json"))) == 2
@@ -96,3 +96,4 @@ def test_run_grid_reads_back_a_run_an_earlier_notebook_trained(tmp_path, monkeyp
     monkeypatch.setattr(course, "run_many", no_training)
     assert course.run_grid(cells, seeds=(0, 1), preset="tiny") == first
     assert course.lesson_cache(1) != course.lesson_cache(2)  # the thread count changes the numbers: its own folder
+    assert course.lesson_cache(1).parent == tmp_path / "lesson_runs"
