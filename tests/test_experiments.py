@@ -97,3 +97,12 @@ def test_run_grid_reads_back_a_run_an_earlier_notebook_trained(tmp_path, monkeyp
     assert course.run_grid(cells, seeds=(0, 1), preset="tiny") == first
     assert course.lesson_cache(1) != course.lesson_cache(2)  # the thread count changes the numbers: its own folder
     assert course.lesson_cache(1).parent == tmp_path / "lesson_runs"
+
+
+def test_stage_plasticity_is_named_only_for_stages_every_seed_has():
+    # CPI-FT's own grouping can give each seed its own stages (4 groups in one seed, 3 in another): a stage some
+    # seed lacks has no paired value, so it is left out rather than failing the whole summary
+    from epi_mini.experiments import stage_plasticity_names
+    four, three = {"first_stage": [0, 1, 2, 3, 3]}, {"first_stage": [0, 0, 1, 2, 2]}
+    assert stage_plasticity_names(four) == [f"plasticity_stage{k}" for k in (1, 2, 3, 4)]
+    assert stage_plasticity_names(four, three) == [f"plasticity_stage{k}" for k in (1, 2, 3)]
