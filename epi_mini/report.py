@@ -244,12 +244,35 @@ def results_markdown(summaries):
     if "drift" in summaries:
         parts += ["**Drift, with and without a change of data** (`results/drift/`, exploratory):\n",
                   "\n".join(drift_sentences(summaries)) + "\n"]
+    parts.append(grid_time_sentence(summaries))
     missing = not_run(summaries)
     if missing:
         parts.append(NOT_RUN + ", ".join(f"`{p}`" for p in missing) + ". Nothing above rests on them; `python -m "
                      "epi_mini.experiments " + " ".join(missing) + "` trains them (resumable).\n")
     parts.append(END)
     return "\n".join(parts)
+
+
+def grid_time_sentence(summaries, folder=None):
+    """How long regenerating takes, from the run records' own times (``timing.seconds``): each protocol alone,
+    and the whole grid (a run shared by protocols counted once), in hours of run time and of wall time with
+    :func:`~epi_mini.experiments.default_workers` runs side by side."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent.parent / RESULTS
+    seconds = {}
+    for s in summaries.values():
+        for keys in s["runs"].values():
+            for key in keys:
+                if key not in seconds:
+                    seconds[key] = json.loads((folder / "runs" / f"{key}.json").read_text())["timing"]["seconds"]
+    hours = lambda keys: sum(seconds[k] for k in keys) / 3600  # noqa: E731
+    parts = []
+    for p, s in summaries.items():
+        keys = {k for run_keys in s["runs"].values() for k in run_keys}
+        parts.append(f"`{p}` {len(keys)} runs, {hours(keys):.1f} h")
+    return (f"**How long it takes** (the records' own run times: one torch thread a run, two runs side by side on "
+            f"this 2-core machine, often beside other jobs): the whole grid, {len(seconds)} distinct runs, "
+            f"{hours(seconds):.1f} h of run time, about {hours(seconds) / 2:.1f} h of wall time two at a time; each "
+            f"protocol alone (run time): " + "; ".join(parts) + ".\n")
 
 
 NOT_RUN = "**Not run in this round** (the protocols declared in `epi_mini/experiments.py` without a summary): "
