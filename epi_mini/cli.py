@@ -598,7 +598,7 @@ def what_seeds_show(options, file=None):
         five = shlex.join(["python", "-m", "epi_mini", *command_options({**options, "seeds": [0, 1, 2, 3, 4]},
                                                                        DEMO_SEEDS)])
         line = (f"{'One seed shows' if n == 1 else f'{n} seeds show'} how each method did here, not which is better: "
-                "a direction needs at least 5 paired seeds and a 95% interval that excludes 0 (the committed "
+                "a direction needs several paired seeds and a 95% interval that excludes 0 (the committed "
                 "evidence: results/, printed by python -m epi_mini.report). Next: "
                 f"{five} (five paired seeds, about {5 / n:g} times as long)")
     else:

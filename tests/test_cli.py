@@ -140,8 +140,11 @@ KILLED = [*TINY, "--seeds", "0", "--steps-per-stage", "100", "--method", "epi"]
 
 
 def _cli(*args):
+    # Ctrl-C is the default action in the child even when pytest runs as a background job (whose shell ignores
+    # SIGINT, and Python then never installs its KeyboardInterrupt handler): the tests send it on purpose
     return subprocess.Popen([sys.executable, "-m", "epi_mini", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _finished(folder):

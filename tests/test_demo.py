@@ -134,6 +134,9 @@ def test_a_failure_in_a_worker_is_one_line(tmp_path, capsys):
 
 
 def _cli(*args, **kwargs):
+    # SIGINT at its default in the child even under a background job's shell, which ignores it (then Python never
+    # raises KeyboardInterrupt): the tests send Ctrl-C on purpose
+    kwargs.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.Popen([sys.executable, "-m", "epi_mini", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
 
