@@ -94,8 +94,8 @@ def test_the_demo_trains_three_methods_into_their_folders_and_prints_them_side_b
     assert (f"† CPI-FT changed the base's weights before its first step (its probes merged in, --cpift-fusion): that "
             f"alone took the base's loss to {setup:.3f}; its rise counts it\n") in printed
     assert "  full/" in printed and f"--resume {out}/full continues that one alone" in printed
-    assert lines[-1].startswith("One seed shows how each method did here, not which is better: a direction needs at "
-                                "least 5 paired seeds and a 95% interval that excludes 0")
+    assert lines[-1].startswith("One seed shows how each method did here, not which is better: a direction needs "
+                                "several paired seeds and a 95% interval that excludes 0")
     assert "results/" in lines[-1] and "python -m epi_mini.report" in lines[-1]
     assert "Next: python -m epi_mini --preset tiny --seeds 0 1 2 3 4" in lines[-1]
     # --resume of the demo's folder, as typed: every run had finished, so the same table again.
