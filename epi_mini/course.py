@@ -64,7 +64,7 @@ TRAINING_MODULES = ("model", "tokenizer", "tasks", "data", "evaluate", "metrics"
 TRAINING_FUNCTIONS = ("run_key", "_pool", "_train", "run_many")   # of epi_mini.experiments
 
 # The lesson records are committed (notebooks/lesson_runs/<hash>/, about 1 MB), so that the test command reads
-# back the runs the notebooks train instead of training ~100 of them again (half an hour on 2 cores). The folder
+# back the runs the notebooks train instead of training its 75 runs again (half an hour on 2 cores). The folder
 # is named by a hash of everything a record depends on; tests/test_lessons.py fails when the committed folder is
 # not the current hash (change the training code, re-run notebooks 04-08 and 11: they write the new folder).
 LESSON_RUNS = Path(__file__).resolve().parent.parent / "notebooks" / "lesson_runs"
